@@ -1,0 +1,205 @@
+"""Settings: the environment read once into one immutable value, or one line saying why not."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import SplitResult, urlsplit
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+SCHEMES = ("postgres", "postgresql", "redis", "rediss", "tcp")
+COMMIT_VARIABLES = (
+    "COMMIT_SHA",
+    "GIT_COMMIT",
+    "SOURCE_VERSION",
+    "HEROKU_SLUG_COMMIT",
+    "RENDER_GIT_COMMIT",
+    "CI_COMMIT_SHA",
+    "GITHUB_SHA",
+)
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the variable and never a password."""
+
+
+@dataclass(frozen=True, slots=True)
+class Datastore:
+    """A datastore /health probes: its name and URL; the URL's password never leaves this value."""
+
+    name: str
+    url: str = field(repr=False)
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    @property
+    def target(self) -> str:
+        """The URL without its credentials, safe to log."""
+        return redact(self.url)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the service reads from its environment."""
+
+    commit: str = "unknown"
+    port: int = 5000
+    datastores: tuple[Datastore, ...] = ()
+    health_timeout: float = 0.8
+    health_cache_ttl: float = 1.0
+    log_level: str = "INFO"
+    log_format: str = "text"
+    log_quiet_health: bool = False
+    wsgi_threads: int = 32
+    debug: bool = False
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Config:
+        return cls(
+            commit=_commit(environ),
+            port=_integer(environ, "PORT", 5000, 1, 65535),
+            datastores=_datastores(environ),
+            health_timeout=_seconds(environ, "HEALTH_TIMEOUT", 0.8, allow_zero=False),
+            health_cache_ttl=_seconds(environ, "HEALTH_CACHE_TTL", 1.0, allow_zero=True),
+            log_level=_choice(environ, "LOG_LEVEL", LOG_LEVELS, "INFO"),
+            log_format=_choice(environ, "LOG_FORMAT", LOG_FORMATS, "text"),
+            log_quiet_health=_boolean(environ, "LOG_QUIET_HEALTH"),
+            wsgi_threads=_integer(environ, "WSGI_THREADS", 32, 1, 1024),
+            debug=_boolean(environ, "FLASK_DEBUG"),
+        )
+
+
+def redact(url: str) -> str:
+    """`scheme://host:port/path` with user, password and query left out."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.hostname or ""
+        if ":" in netloc:
+            netloc = f"[{netloc}]"
+        if parts.port is not None:
+            netloc = f"{netloc}:{parts.port}"
+    except ValueError:
+        return "<malformed URL>"
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+def _commit(environ: Mapping[str, str]) -> str:
+    for name in COMMIT_VARIABLES:
+        if value := environ.get(name, "").strip():
+            return value
+    return _git_head() or "unknown"
+
+
+def _git_head() -> str | None:
+    """The checkout's commit, asked once at start-up; a missing git or repo is not an error."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],  # noqa: S607 - git from PATH, as a developer runs it
+            capture_output=True,
+            text=True,
+            timeout=2,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def _seconds(environ: Mapping[str, str], name: str, default: float, *, allow_zero: bool) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    expected = "seconds >= 0" if allow_zero else "seconds > 0"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected {expected}, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}: expected {expected}, got {raw!r}")
+    return value
+
+
+def _integer(environ: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ConfigError(f"{name}: expected a whole number from {low} to {high}, got {raw!r}")
+    return int(raw)
+
+
+def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    for choice in choices:
+        if choice.lower() == raw.lower():
+            return choice
+    raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {raw!r}")
+
+
+def _boolean(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(f"{name}: expected 1/0, true/false, yes/no or on/off, got {raw!r}")
+
+
+def _datastores(environ: Mapping[str, str]) -> tuple[Datastore, ...]:
+    entries: list[tuple[str, str, str]] = []  # (variable, name, url)
+    if database_url := environ.get("DATABASE_URL", "").strip():
+        entries.append(("DATABASE_URL", "database", database_url))
+    for entry in environ.get("DATASTORE_URLS", "").split():
+        name, equals, url = entry.partition("=")
+        if not equals or not _NAME.fullmatch(name):
+            raise ConfigError(
+                f"DATASTORE_URLS: entry {redact_entry(entry)!r} is not name=url "
+                "(a name is a letter then letters, digits, - or _)"
+            )
+        entries.append(("DATASTORE_URLS", name, url))
+
+    seen: set[str] = set()
+    datastores = []
+    for variable, name, url in entries:
+        where = variable if variable == "DATABASE_URL" else f"{variable}: entry {name!r}"
+        if name in seen:
+            raise ConfigError(f"{where}: the name {name!r} is used twice")
+        seen.add(name)
+        _check_url(where, url, postgres_only=variable == "DATABASE_URL")
+        datastores.append(Datastore(name, url))
+    return tuple(datastores)
+
+
+def _check_url(where: str, url: str, *, postgres_only: bool) -> None:
+    allowed = ("postgres", "postgresql") if postgres_only else SCHEMES
+    try:
+        parts: SplitResult = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: not a valid URL ({redact(url)})") from None
+    if parts.scheme not in allowed:
+        raise ConfigError(
+            f"{where}: unknown scheme {parts.scheme!r} (expected {', '.join(allowed)})"
+        )
+    if parts.scheme == "tcp" and (not parts.hostname or port is None):
+        raise ConfigError(f"{where}: expected tcp://host:port")
+    if parts.scheme.startswith("redis") and not parts.hostname:
+        raise ConfigError(f"{where}: expected {parts.scheme}://host[:port]")
+
+
+def redact_entry(entry: str) -> str:
+    """A DATASTORE_URLS entry as it may be echoed: anything URL-like loses its credentials."""
+    name, _, url = entry.rpartition("=")
+    shown = redact(url) if "://" in url else url.split("@")[-1]
+    return f"{name}={shown}" if name else shown

@@ -1,0 +1,194 @@
+"""Logging: every event from every source to stdout, one line each, rendered by structlog."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import logging.config
+import re
+import sys
+import threading
+import time
+import uuid
+from types import TracebackType
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from .config import Config
+
+_LEVELS = {
+    "debug": "DEBUG",
+    "info": "INFO",
+    "warn": "WARNING",
+    "warning": "WARNING",
+    "error": "ERROR",
+    "exception": "ERROR",
+    "critical": "CRITICAL",
+    "fatal": "CRITICAL",
+}
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_NEEDS_QUOTES = re.compile(r'[\s="\\]')
+
+log = structlog.get_logger()
+
+
+def configure(config: Config, stream: TextIO | None = None) -> None:
+    """Send structlog events and stdlib records through one chain to one stream.
+
+    structlog's own events are written directly (the cheap path every request takes);
+    records from Flask, the servers, asyncpg and warnings reach the same renderer through
+    one handler on the root logger. Call before the Flask app and the servers log anything.
+    """
+    stream = stream or sys.stdout
+    renderer, exceptions = _renderer(config)
+    shared = [structlog.contextvars.merge_contextvars, add_level, _timestamper(config)]
+    structlog.configure(
+        processors=[*shared, exceptions, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(config.log_level),
+        logger_factory=structlog.WriteLoggerFactory(stream),
+        cache_logger_on_first_use=True,
+    )
+    logging.config.dictConfig(dict_config(config, stream))
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+
+
+def dict_config(config: Config, stream: TextIO | None = None) -> dict[str, Any]:
+    """The stdlib side as a dictConfig, which gunicorn applies again in its master and workers."""
+    renderer, exceptions = _renderer(config)
+    foreign_chain = [
+        structlog.contextvars.merge_contextvars,
+        add_level,
+        structlog.stdlib.add_logger_name,
+        _timestamper(config),
+    ]
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=foreign_chain,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            exceptions,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(formatter)
+    quiet = {"handlers": [], "propagate": False, "level": "CRITICAL"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"stdout": {"()": lambda: handler}},
+        "root": {"handlers": ["stdout"], "level": config.log_level},
+        "loggers": {
+            # The servers' own handlers go; their records propagate to ours. The app writes
+            # the one access line per request, so the servers' access loggers stay silent.
+            "gunicorn.error": {"handlers": [], "propagate": True},
+            "hypercorn.error": {"handlers": [], "propagate": True},
+            "gunicorn.access": quiet,
+            "hypercorn.access": quiet,
+        },
+    }
+
+
+def add_level(_: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    event_dict["level"] = _LEVELS.get(method_name) or method_name.upper()
+    return event_dict
+
+
+@functools.lru_cache(maxsize=8)
+def _utc_second(second: int, fmt: str) -> str:
+    return time.strftime(fmt, time.gmtime(second))
+
+
+def _timestamper(config: Config) -> Processor:
+    """A timestamp formatted once a second, not once an event."""
+    fmt = "%Y-%m-%dT%H:%M:%SZ" if config.log_format == "json" else "%Y-%m-%d %H:%M:%S"
+
+    def add_timestamp(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+        event_dict["timestamp"] = _utc_second(int(time.time()), fmt)
+        return event_dict
+
+    return add_timestamp
+
+
+def _renderer(config: Config) -> tuple[Processor, Processor]:
+    if config.debug:
+        return structlog.dev.ConsoleRenderer(), structlog.processors.format_exc_info
+    if config.log_format == "json":
+        tracebacks = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        return (
+            structlog.processors.JSONRenderer(),
+            structlog.processors.ExceptionRenderer(tracebacks),
+        )
+    return render_line, structlog.processors.format_exc_info
+
+
+def render_line(_: WrappedLogger, __: str, event_dict: EventDict) -> str:
+    """`YYYY-MM-DD HH:MM:SS [LEVEL] message key=value ...`, control characters escaped."""
+    timestamp = event_dict.pop("timestamp", "")
+    level = event_dict.pop("level", "")
+    line = f"{timestamp} [{level}] {escape(str(event_dict.pop('event', '')))}"
+    if not event_dict:
+        return line
+    pairs = " ".join(f"{escape(str(key))}={_logfmt(value)}" for key, value in event_dict.items())
+    return f"{line} {pairs}"
+
+
+def escape(text: str) -> str:
+    """Text that cannot start a line of its own: CR, LF, ESC, U+2028 and kin become escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _logfmt(value: object) -> str:
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    text = escape(value if isinstance(value, str) else str(value))
+    if text and not _NEEDS_QUOTES.search(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def bind_request_id(incoming: str | None) -> str:
+    """Keep a sane incoming X-Request-ID, else make one; bind it to every line of this request."""
+    request_id = incoming if incoming and _SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    return request_id
+
+
+def log_request(
+    *, method: str, path: str, status: int, started: float, remote: str | None, quiet_health: bool
+) -> None:
+    """The one access line per request; `started` is a `time.perf_counter()` reading."""
+    if quiet_health and status < 400 and (path == "/health" or path.startswith("/health/")):
+        return
+    duration_ms = round((time.perf_counter() - started) * 1000, 1)
+    log.info(
+        "request finished",
+        method=method,
+        path=path,
+        status=status,
+        duration_ms=duration_ms,
+        remote=remote,
+    )
+
+
+def _log_uncaught(
+    kind: type[BaseException], error: BaseException, traceback: TracebackType | None
+) -> None:
+    log.critical("uncaught exception", exc_info=(kind, error, traceback))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is not None:
+        log.critical(
+            "uncaught exception in thread",
+            thread=args.thread.name if args.thread else None,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )

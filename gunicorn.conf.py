@@ -4,15 +4,16 @@ Importing the application here checks the settings in the master (a bad one stop
 instead of crash-looping its workers) and puts the master's own lines in the app's format.
 """
 
-from application import config, logs
+from application import config as service, logs
 
-bind = f"0.0.0.0:{config.port}"
+# (No bare `config` here: gunicorn would read it as its own `config` setting.)
+bind = f"0.0.0.0:{service.port}"
 
 # gthread: a worker serves `wsgi_threads` requests at once. Async views (/health) hold a
 # thread while they wait, so sync workers would serve one request per process.
 worker_class = "gthread"
 workers = 2
-threads = config.wsgi_threads
+threads = service.wsgi_threads
 
 # A worker silent this long is restarted; in-flight requests get `graceful_timeout` after
 # SIGTERM (under Kubernetes' 30 s grace period); keep-alive outlasts an ALB's 60 s.
@@ -20,6 +21,10 @@ timeout = 30
 graceful_timeout = 25
 keepalive = 75
 
+# gunicorn 27's control socket (~/.gunicorn/gunicorn.ctl) would be shared by every gunicorn
+# of the user; nothing here uses it.
+control_socket_disable = True
+
 # The app writes the one access line per request; gunicorn's records go to the root logger.
 accesslog = None
-logconfig_dict = logs.dict_config(config)
+logconfig_dict = logs.dict_config(service)

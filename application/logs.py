@@ -148,10 +148,10 @@ def _logfmt(value: object) -> str:
         return "null"
     if value is True or value is False:
         return "true" if value else "false"
-    text = escape(value if isinstance(value, str) else str(value))
-    if text and not _NEEDS_QUOTES.search(text):
+    text = value if isinstance(value, str) else str(value)
+    if text and text.isprintable() and not _NEEDS_QUOTES.search(text):
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 def bind_request_id(incoming: str | None) -> str:

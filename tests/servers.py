@@ -1,0 +1,142 @@
+"""Real servers for the tests: hypercorn and gunicorn as subprocesses, stdout kept line by line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+LOG_LINE = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} \[(DEBUG|INFO|WARNING|ERROR|CRITICAL)\] "
+
+# How each serving mode is started; {port} is filled in.
+MODES: dict[str, list[str]] = {
+    "hypercorn-asgi": [
+        "hypercorn", "--config", "hypercorn.toml", "--bind", "127.0.0.1:{port}", "{module}:asgi_app"
+    ],
+    "hypercorn-wsgi": [
+        "hypercorn", "--config", "hypercorn.toml", "--bind", "127.0.0.1:{port}", "{module}:app"
+    ],
+    "gunicorn-gthread": [
+        "gunicorn", "--bind", "127.0.0.1:{port}", "--workers", "1", "{module}:app"
+    ],
+    "gunicorn-sync": [
+        "gunicorn", "--bind", "127.0.0.1:{port}", "--workers", "1", "--worker-class", "sync",
+        "{module}:app",
+    ],
+}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """One server process; `lines` fills with its stdout as it prints."""
+
+    mode: str
+    port: int
+    process: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+    readers: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str, **kwargs: object) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=10, **kwargs)  # type: ignore[arg-type]
+
+    def wait_for_line(self, text: str, timeout: float = 10) -> str:
+        """The first stdout line containing `text`, waiting for it to be printed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if text in line:
+                    return line
+            time.sleep(0.02)
+        printed = "\n".join(self.lines)
+        raise AssertionError(f"no line with {text!r} in {self.mode} stdout:\n{printed}")
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, then the exit code once it has drained."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            for reader in self.readers:
+                reader.join()
+
+
+def start(
+    mode: str,
+    env: Mapping[str, str] | None = None,
+    *,
+    module: str = "application",
+    ready: str = "/health/live",
+    timeout: float = 20,
+) -> Server:
+    """Start a server in `mode` on a free port and wait until `ready` answers."""
+    port = free_port()
+    command = [part.format(port=port, module=module) for part in MODES[mode]]
+    command[0] = str(BIN / command[0])
+    full_env = {
+        "PATH": os.environ["PATH"],
+        "COMMIT_SHA": "test-commit",
+        "PYTHONPATH": str(ROOT),
+        **(env or {}),
+    }
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    server = Server(mode, port, process)
+    server.readers = [_drain(process.stdout, server.lines), _drain(process.stderr, server.stderr)]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            printed = "\n".join(server.lines)
+            raise AssertionError(f"{mode} exited with {process.returncode}:\n{printed}")
+        try:
+            httpx.get(server.url + ready, timeout=1)
+            return server
+        except httpx.TransportError:
+            time.sleep(0.05)
+    server.stop()
+    raise AssertionError(f"{mode} did not answer on {ready} in {timeout} s")
+
+
+def _drain(stream: IO[str] | None, into: list[str]) -> threading.Thread:
+    def read() -> None:
+        assert stream is not None
+        with stream:
+            for line in stream:
+                into.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader

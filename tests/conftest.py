@@ -1,0 +1,50 @@
+"""Fixtures: the real datastores scripts/test found or started, and faults in front of them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.faultproxy import FaultProxy
+from tests.pgcluster import PgCluster
+
+
+def _required(variable: str, default: str) -> str:
+    """A datastore URL; scripts/test exports it after finding or starting the datastore."""
+    return os.environ.get(variable) or default
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    return _required("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return _required("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def database_proxy(database_url: str) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the real PostgreSQL."""
+    parts = urlsplit(database_url)
+    with FaultProxy((parts.hostname or "127.0.0.1", parts.port or 5432)) as proxy:
+        yield proxy
+
+
+def through(proxy: FaultProxy, url: str) -> str:
+    """`url` with its host and port replaced by the proxy's."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@127.0.0.1:{proxy.port}" if credentials else f"127.0.0.1:{proxy.port}"
+    return parts._replace(netloc=netloc).geturl()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A PostgreSQL the tests own: password authentication, and restartable."""
+    with PgCluster() as cluster:
+        yield cluster

@@ -82,6 +82,8 @@ def redact(url: str) -> str:
     """`scheme://host:port/path` with user, password and query left out."""
     try:
         parts = urlsplit(url)
+        if "@" in url.partition("://")[2] and "@" not in parts.netloc:
+            return "<malformed URL>"  # an unencoded / ? or # in the password split the URL early
         netloc = parts.hostname or ""
         if ":" in netloc:
             netloc = f"[{netloc}]"
@@ -132,7 +134,7 @@ def _integer(environ: Mapping[str, str], name: str, default: int, low: int, high
     raw = environ.get(name, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise ConfigError(f"{name}: expected a whole number from {low} to {high}, got {raw!r}")
     return int(raw)
 
@@ -188,6 +190,8 @@ def _check_url(where: str, url: str, *, postgres_only: bool) -> None:
         port = parts.port
     except ValueError:
         raise ConfigError(f"{where}: not a valid URL ({redact(url)})") from None
+    if "@" in url.partition("://")[2] and "@" not in parts.netloc:
+        raise ConfigError(f"{where}: malformed URL (percent-encode / ? # @ in the password)")
     if parts.scheme not in allowed:
         raise ConfigError(
             f"{where}: unknown scheme {parts.scheme!r} (expected {', '.join(allowed)})"
@@ -200,6 +204,8 @@ def _check_url(where: str, url: str, *, postgres_only: bool) -> None:
 
 def redact_entry(entry: str) -> str:
     """A DATASTORE_URLS entry as it may be echoed: anything URL-like loses its credentials."""
-    name, _, url = entry.rpartition("=")
+    name, _, url = entry.partition("=")
+    if not url:
+        name, url = "", name
     shown = redact(url) if "://" in url else url.split("@")[-1]
     return f"{name}={shown}" if name else shown

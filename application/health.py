@@ -82,6 +82,7 @@ class HealthChecker:
         self._healthy = {probe.name: True for probe in self.probes}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_pid = 0
+        self._thread: threading.Thread | None = None
 
     def report(self) -> Future[Report]:
         """The round in flight, a fresh enough finished one, or a new one."""
@@ -110,6 +111,8 @@ class HealthChecker:
         except TimeoutError:
             closing.cancel()
         loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def _start_round(self) -> Future[Report]:
         if not self.probes:
@@ -123,10 +126,10 @@ class HealthChecker:
         if self._loop is None or self._loop_pid != os.getpid():
             self._loop = asyncio.new_event_loop()
             self._loop_pid = os.getpid()
-            thread = threading.Thread(
-                target=self._loop.run_forever, name="health-probes", daemon=True
+            self._thread = threading.Thread(
+                target=_serve, args=(self._loop,), name="health-probes", daemon=True
             )
-            thread.start()
+            self._thread.start()
         return self._loop
 
     async def _run_round(self) -> Report:
@@ -167,6 +170,13 @@ class HealthChecker:
 
     async def _close_probes(self) -> None:
         await asyncio.gather(*(probe.close() for probe in self.probes), return_exceptions=True)
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
 
 
 def _since(started: float) -> float:

@@ -162,7 +162,11 @@ def describe(error: BaseException, timeout: float) -> str | None:
         return "not accepting connections"
     if isinstance(error, socket.gaierror):
         return "name not resolved"
-    if getattr(error, "errno", None) == errno.ECONNREFUSED:
+    refused = (
+        isinstance(error, ConnectionRefusedError)
+        or getattr(error, "errno", 0) == errno.ECONNREFUSED
+    )
+    if refused or (isinstance(error, OSError) and "Connection refused" in str(error)):
         return "connection refused"
     if isinstance(error, ConnectionError | EOFError | asyncpg.ConnectionDoesNotExistError):
         return "connection lost"

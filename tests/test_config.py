@@ -1,0 +1,210 @@
+"""Tests for application.config: the environment read once, or one line saying why not."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from application.config import Config, ConfigError, Datastore, redact
+
+CANARY = "s3cr3t-pw"  # a fake password, distinctive so that no leak can hide
+
+
+def test_empty_environment_gives_the_embedded_default():
+    """With nothing set the service runs with no datastores and the documented defaults."""
+    config = Config.from_environ({})
+    assert config.datastores == ()
+    assert config.port == 5000
+    assert config.health_timeout == 0.8
+    assert config.health_cache_ttl == 1.0
+    assert config.log_level == "INFO"
+    assert config.log_format == "text"
+    assert config.log_quiet_health is False
+
+
+def test_commit_is_unknown_without_variables_or_git(monkeypatch, tmp_path):
+    """No commit variable and no git on PATH is not an error: the commit is 'unknown'."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert Config.from_environ({}).commit == "unknown"
+
+
+COMMIT_ORDER = [
+    "COMMIT_SHA",
+    "GIT_COMMIT",
+    "SOURCE_VERSION",
+    "HEROKU_SLUG_COMMIT",
+    "RENDER_GIT_COMMIT",
+    "CI_COMMIT_SHA",
+    "GITHUB_SHA",
+]
+
+
+@pytest.mark.parametrize("first", range(len(COMMIT_ORDER)), ids=COMMIT_ORDER)
+def test_commit_variables_are_read_in_order(first):
+    """The earliest commit variable that is set wins over every later one."""
+    environ = {name: f"sha-of-{name}" for name in COMMIT_ORDER[first:]}
+    assert Config.from_environ(environ).commit == f"sha-of-{COMMIT_ORDER[first]}"
+
+
+def test_blank_commit_variable_is_skipped():
+    """A variable set to whitespace counts as unset, and the value found is stripped."""
+    environ = {"COMMIT_SHA": "  ", "GIT_COMMIT": " abc123\n"}
+    assert Config.from_environ(environ).commit == "abc123"
+
+
+def test_database_url_becomes_the_database_datastore():
+    """DATABASE_URL is the datastore named 'database', listed before DATASTORE_URLS."""
+    environ = {"DATABASE_URL": "postgres://db/app", "DATASTORE_URLS": "cache=redis://cache"}
+    assert Config.from_environ(environ).datastores == (
+        Datastore("database", "postgres://db/app"),
+        Datastore("cache", "redis://cache"),
+    )
+
+
+SCHEMES = [
+    "postgres://db/a",
+    "postgresql://db:5433/a",
+    "redis://c",
+    "rediss://c:6380/1",
+    "tcp://q:1",
+]
+
+
+@pytest.mark.parametrize("url", SCHEMES)
+def test_datastore_urls_accepts_each_scheme(url):
+    """Every supported scheme is accepted and the URL is kept as given."""
+    assert Config.from_environ({"DATASTORE_URLS": f"store={url}"}).datastores == (
+        Datastore("store", url),
+    )
+
+
+def test_datastore_urls_are_separated_by_any_whitespace():
+    """Entries may be separated by spaces, tabs and newlines, and keep their order."""
+    environ = {"DATASTORE_URLS": "\n  a=tcp://a:1\tb=tcp://b:2 \n c=tcp://c:3  "}
+    names = [datastore.name for datastore in Config.from_environ(environ).datastores]
+    assert names == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "config"),
+    [
+        ({"HEALTH_TIMEOUT": "2.5"}, Config(health_timeout=2.5)),
+        ({"HEALTH_CACHE_TTL": "0"}, Config(health_cache_ttl=0.0)),
+        ({"LOG_LEVEL": "debug"}, Config(log_level="DEBUG")),
+        ({"LOG_FORMAT": "JSON"}, Config(log_format="json")),
+        ({"PORT": "8080"}, Config(port=8080)),
+        ({"LOG_QUIET_HEALTH": "yes"}, Config(log_quiet_health=True)),
+        ({"LOG_QUIET_HEALTH": "Off"}, Config(log_quiet_health=False)),
+    ],
+)
+def test_valid_settings_are_read(environ, config):
+    """Good values are parsed, case-insensitively where the value is a word."""
+    assert Config.from_environ({"COMMIT_SHA": "x", **environ}) == replace(config, commit="x")
+
+
+def bad(case, environ, *named):
+    """One bad environment and the fragments its message must name."""
+    return pytest.param(environ, named, id=case)
+
+
+DB = f"postgres://app:{CANARY}@db:5432/app"
+REDIS = f"redis://:{CANARY}@cache"
+
+ERRORS = [
+    bad("no-equals", {"DATASTORE_URLS": DB}, "DATASTORE_URLS", "postgres://db:5432/app"),
+    bad("bad-name", {"DATASTORE_URLS": f"9db={DB}"}, "DATASTORE_URLS", "9db="),
+    bad(
+        "unknown-scheme",
+        {"DATASTORE_URLS": f"cache=memcached://u:{CANARY}@c:11211"},
+        *("DATASTORE_URLS", "'cache'", "memcached"),
+    ),
+    bad("database-not-postgres", {"DATABASE_URL": REDIS}, "DATABASE_URL", "redis"),
+    bad("duplicate", {"DATASTORE_URLS": f"db={DB} db={REDIS}"}, "DATASTORE_URLS", "'db'"),
+    bad(
+        "clash-with-database",
+        {"DATABASE_URL": DB, "DATASTORE_URLS": f"database={REDIS}"},
+        *("DATASTORE_URLS", "'database'"),
+    ),
+    bad("tcp-no-port", {"DATASTORE_URLS": f"q=tcp://u:{CANARY}@q"}, "DATASTORE_URLS", "'q'"),
+    bad("tcp-no-host", {"DATASTORE_URLS": "q=tcp://:5672"}, "DATASTORE_URLS", "'q'"),
+    bad("bad-url", {"DATASTORE_URLS": f"db=postgres://u:{CANARY}@db:x/"}, "DATASTORE_URLS", "'db'"),
+    bad(
+        "bad-name-query-password",
+        {"DATASTORE_URLS": f"9db=postgres://db/app?password={CANARY}"},
+        *("DATASTORE_URLS", "9db="),
+    ),
+    *[
+        bad(f"timeout-{raw}", {"HEALTH_TIMEOUT": raw}, "HEALTH_TIMEOUT", repr(raw))
+        for raw in ["abc", "0", "-1", "inf", "nan", "1e999", "1\n2"]
+    ],
+    bad("ttl-negative", {"HEALTH_CACHE_TTL": "-0.5"}, "HEALTH_CACHE_TTL", "'-0.5'"),
+    bad("log-level", {"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", "'LOUD'"),
+    bad("log-format", {"LOG_FORMAT": "xml"}, "LOG_FORMAT", "'xml'"),
+    *[bad(f"port-{raw}", {"PORT": raw}, "PORT", repr(raw)) for raw in ["http", "0", "65536", "-1"]],
+    bad(
+        "port-superscript",
+        {"PORT": "²"},
+        "PORT",
+    ),
+    bad("quiet-health", {"LOG_QUIET_HEALTH": "maybe"}, "LOG_QUIET_HEALTH", "'maybe'"),
+]
+
+
+@pytest.mark.parametrize(("environ", "named"), ERRORS)
+def test_bad_setting_is_one_safe_line_naming_it(environ, named):
+    """A bad value raises ConfigError: one line naming the variable and entry, no password."""
+    with pytest.raises(ConfigError) as raised:
+        Config.from_environ(environ)
+    message = str(raised.value)
+    for fragment in named:
+        assert fragment in message
+    assert CANARY not in message
+    assert len(message.splitlines()) == 1
+
+
+TARGETS = [
+    (f"postgres://app:{CANARY}@db:5432/app", "postgres://db:5432/app"),
+    (f"postgresql://app:{CANARY}@db/app?sslmode=require&password={CANARY}", "postgresql://db/app"),
+    (f"redis://:{CANARY}@cache:6379/0", "redis://cache:6379/0"),
+    (f"rediss://default:{CANARY}@cache", "rediss://cache"),
+    (f"tcp://u:{CANARY}@queue:5672", "tcp://queue:5672"),
+    (f"postgres://app:{CANARY}@[::1]:5433/app", "postgres://[::1]:5433/app"),
+]
+
+
+@pytest.mark.parametrize(("url", "target"), TARGETS)
+def test_datastore_target_is_the_url_without_credentials(url, target):
+    """`target` keeps scheme, host, port and path, and drops user, password and query."""
+    assert Datastore("store", url).target == target
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        *(url for url, _ in TARGETS),
+        f"postgres://app:1234/{CANARY}@db/app",
+    ],
+)
+def test_datastore_never_shows_the_password(url):
+    """A Datastore's repr and target, and a Config holding it, never show the password."""
+    datastore = Datastore("store", url)
+    assert CANARY not in repr(datastore)
+    assert CANARY not in repr(Config(datastores=(datastore,)))
+    assert CANARY not in datastore.target
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("postgres://u:pw@db.internal:5432/app?sslmode=require", "postgres://db.internal:5432/app"),
+        ("redis://:pw@cache", "redis://cache"),
+        ("tcp://queue:5672", "tcp://queue:5672"),
+        ("postgres://u:pw@[::1]/app#frag", "postgres://[::1]/app"),
+        ("postgres://u:pw@db:port/app", "<malformed URL>"),
+        ("postgres://u:pw@[::1/app", "<malformed URL>"),
+    ],
+)
+def test_redact(url, redacted):
+    """redact() leaves `scheme://host:port/path`, or a placeholder for a URL it cannot parse."""
+    assert redact(url) == redacted

@@ -1,0 +1,215 @@
+"""Tests for application.logs: one line per event, whatever the event carries."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import sys
+import threading
+
+import pytest
+import structlog
+
+import application
+from application import logs
+from application.config import Config
+
+TEXT_LINE = re.compile(
+    r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} \[(DEBUG|INFO|WARNING|ERROR|CRITICAL)\] "
+)
+FRESH_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def render(event: str = "hello", **pairs: object) -> str:
+    """A line as render_line makes it, at a fixed time and level."""
+    event_dict = {"timestamp": "2025-01-02 03:04:05", "level": "INFO", "event": event, **pairs}
+    return logs.render_line(None, "info", event_dict)
+
+
+@pytest.fixture(autouse=True)
+def _clear_contextvars():
+    """What a test binds is not seen by the next one."""
+    yield
+    structlog.contextvars.clear_contextvars()
+
+
+@pytest.fixture
+def configure(monkeypatch):
+    """Configure logging to a StringIO; the service's own configuration comes back after."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    stream = io.StringIO()
+
+    def configure_(config: Config | None = None) -> io.StringIO:
+        logs.configure(config or Config(), stream)
+        return stream
+
+    yield configure_
+    logs.configure(application.config)
+
+
+def test_render_line_layout():
+    """A line is `date time [LEVEL] message key=value ...`, in the order the pairs came."""
+    assert render(path="/", status=200) == "2025-01-02 03:04:05 [INFO] hello path=/ status=200"
+
+
+def test_render_line_without_pairs_has_no_trailing_space():
+    """An event with nothing but a message ends with the message."""
+    assert render("started") == "2025-01-02 03:04:05 [INFO] started"
+
+
+@pytest.mark.parametrize(
+    ("value", "rendered"),
+    [
+        ("plain", "plain"),
+        (42, "42"),
+        (1.5, "1.5"),
+        ("two words", '"two words"'),
+        ('say "hi"', r'"say \"hi\""'),
+        ("a=b", '"a=b"'),
+        ("C:\\dir", r'"C:\\dir"'),
+        ("", '""'),
+        (None, "null"),
+        (True, "true"),
+        (False, "false"),
+        ("line\nbreak", r'"line\nbreak"'),
+        ("back\\n", r'"back\\n"'),
+    ],
+)
+def test_logfmt_values(value, rendered):
+    """Values are bare when they can be, and quoted with `\\` and `"` escaped when not."""
+    assert render(key=value) == f"2025-01-02 03:04:05 [INFO] hello key={rendered}"
+
+
+@pytest.mark.parametrize(
+    ("char", "visible"),
+    [
+        ("\r", r"\r"),
+        ("\n", r"\n"),
+        ("\t", r"\t"),
+        ("\x1b", r"\x1b"),
+        ("\x00", r"\x00"),
+        ("\x7f", r"\x7f"),
+        ("\x85", r"\x85"),
+        ("\u2028", r"\u2028"),
+        ("\u2029", r"\u2029"),
+        ("\u202e", r"\u202e"),
+    ],
+    ids=repr,
+)
+def test_escape_makes_control_characters_visible(char, visible):
+    """Line breaks, terminal escapes and bidi overrides become their escape sequences."""
+    assert logs.escape(f"a{char}b") == f"a{visible}b"
+
+
+def test_escape_keeps_printable_text():
+    """Printable text, accents and other scripts included, is left as it is."""
+    assert logs.escape("héllo wörld ✓ 日本語") == "héllo wörld ✓ 日本語"
+
+
+def test_escape_output_is_always_printable():
+    """For every code point below U+3000 the escaped text is printable, but for spaces."""
+    for code_point in range(0x3000):
+        escaped = logs.escape(chr(code_point))
+        assert all(c == " " or c.isprintable() for c in escaped), hex(code_point)
+
+
+def test_rendered_line_never_breaks():
+    """A message and a value holding every code point below U+3000 still make one line."""
+    everything = "".join(map(chr, range(0x3000)))
+    assert len(render(everything, value=everything, **{everything: 1}).splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["message", "value"])
+def test_forged_line_stays_on_its_line(where):
+    """A path carrying CRLF and a fake log line cannot start a line of its own."""
+    forged = "/\r\n2015-01-01 00:00:00 [INFO] forged"
+    line = render(forged) if where == "message" else render(path=forged)
+    assert len(line.splitlines()) == 1
+    assert r"/\r\n2015-01-01 00:00:00 [INFO] forged" in line
+
+
+@pytest.mark.parametrize("incoming", ["abc", "a" * 128, "req-1.2_3", "0123456789abcdef" * 2])
+def test_sane_request_id_is_kept_and_bound(incoming):
+    """A sane incoming id is used as it is, and bound for every line of the request."""
+    assert logs.bind_request_id(incoming) == incoming
+    assert structlog.contextvars.get_contextvars() == {"request_id": incoming}
+
+
+@pytest.mark.parametrize(
+    "incoming",
+    ["a" * 129, "has space", "x\r\nforged: 1", "", None, "ünïcode", "a/b", "id;drop"],
+    ids=repr,
+)
+def test_insane_request_id_is_replaced_by_a_fresh_one(incoming):
+    """An unusable incoming id is replaced by 32 hex digits, and the fresh one is bound."""
+    request_id = logs.bind_request_id(incoming)
+    assert FRESH_ID.fullmatch(request_id)
+    assert structlog.contextvars.get_contextvars() == {"request_id": request_id}
+
+
+def test_fresh_request_ids_differ():
+    """Two requests without an id get two different ids."""
+    assert logs.bind_request_id(None) != logs.bind_request_id(None)
+
+
+def test_bind_request_id_clears_the_previous_request():
+    """What an earlier request bound does not leak into the next one."""
+    structlog.contextvars.bind_contextvars(user="alice", request_id="old")
+    logs.bind_request_id("new")
+    assert structlog.contextvars.get_contextvars() == {"request_id": "new"}
+
+
+@pytest.mark.parametrize("level", ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+def test_stdlib_record_is_one_text_line(configure, level):
+    """A stdlib record, newline and all, comes out as one line in the service's layout."""
+    stream = configure(Config(log_level="DEBUG"))
+    logging.getLogger("somelib").log(getattr(logging, level), "disk %s\nnearly full", "/var")
+    [line] = stream.getvalue().splitlines()
+    assert TEXT_LINE.match(line)
+    assert line.endswith(rf"[{level}] disk /var\nnearly full logger=somelib")
+
+
+def test_stdlib_record_below_the_level_is_dropped(configure):
+    """LOG_LEVEL applies to stdlib records too."""
+    stream = configure(Config(log_level="WARNING"))
+    logging.getLogger("somelib").info("chatter")
+    assert stream.getvalue() == ""
+
+
+def test_stdlib_exception_is_one_text_line(configure):
+    """A traceback logged with exc_info is escaped into the record's one line."""
+    stream = configure()
+    try:
+        1 / 0  # noqa: B018 - the point is the exception
+    except ZeroDivisionError:
+        logging.getLogger("somelib").error("it broke", exc_info=True)
+    [line] = stream.getvalue().splitlines()
+    assert TEXT_LINE.match(line)
+    assert r'exception="Traceback (most recent call last):\n' in line
+    assert line.endswith(r'ZeroDivisionError: division by zero"')
+
+
+def _fail(password: str) -> None:
+    raise RuntimeError("boom")
+
+
+def test_json_lines_are_objects_with_a_structured_exception(configure):
+    """In JSON mode each record is one object; an exception is data, without local variables."""
+    stream = configure(Config(log_format="json"))
+    logging.getLogger("somelib").warning("hello\nworld")
+    try:
+        _fail("hun" + "ter2")
+    except RuntimeError:
+        logging.getLogger("somelib").error("it broke", exc_info=True)
+    plain, failed = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert {"timestamp", "level", "event"} <= plain.keys() & failed.keys()
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", plain["timestamp"])
+    assert (plain["level"], plain["event"]) == ("WARNING", "hello\nworld")
+    [exception] = failed["exception"]
+    assert (exception["exc_type"], exception["exc_value"]) == ("RuntimeError", "boom")
+    assert exception["frames"][-1]["name"] == "_fail"
+    assert all("locals" not in frame for frame in exception["frames"])
+    assert "hunter2" not in stream.getvalue()

@@ -159,7 +159,8 @@ def test_a_database_restart_leaves_connections_bounded(pg_cluster: PgCluster) ->
 
 def test_a_wrong_password_is_named_and_never_shown(pg_cluster: PgCluster) -> None:
     """authentication failed, and the password appears in no answer and no log line."""
-    env = {**FAST, "DATABASE_URL": pg_cluster.dsn(password="wrong-pw-1234"), "LOG_LEVEL": "DEBUG"}
+    wrong = pg_cluster.dsn(password="wrong-pw-1234")  # noqa: S106 - the point of the test
+    env = {**FAST, "DATABASE_URL": wrong, "LOG_LEVEL": "DEBUG"}
     server = servers.start("hypercorn-asgi", env)
     try:
         answer = server.get("/health?verbose=1")
@@ -170,9 +171,7 @@ def test_a_wrong_password_is_named_and_never_shown(pg_cluster: PgCluster) -> Non
     assert "wrong-pw-1234" not in answer.text + "\n".join(server.lines)
 
 
-def test_every_datastore_is_probed_and_reported(
-    database_url: str, redis_url: str
-) -> None:
+def test_every_datastore_is_probed_and_reported(database_url: str, redis_url: str) -> None:
     """DATABASE_URL and DATASTORE_URLS together; ?verbose=1 shows each one's result."""
     port = servers.free_port()
     env = {
@@ -204,4 +203,3 @@ async def _probe_connections(cluster: PgCluster) -> int:
     finally:
         await connection.close()
     return int(count)
-

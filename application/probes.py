@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
 import ssl
@@ -61,7 +62,10 @@ class PostgresProbe:
         try:
             await connection.fetchval("SELECT 1")
         except BaseException:
-            connection.terminate()  # cancelled or broken mid-query: never reuse it
+            # Cancelled or broken mid-query: never reuse it. A connection asyncpg already
+            # took back (lost mid-query) cannot be terminated again, and needs not be.
+            with contextlib.suppress(asyncpg.InterfaceError):
+                connection.terminate()
             raise
         finally:
             await pool.release(connection)

@@ -1,0 +1,224 @@
+"""Tests for application.health: rounds of real probes, one in flight, shared, cached, on time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import pytest
+
+from application.config import Datastore
+from application.health import HealthChecker, Report
+from application.probes import probe_for
+from tests.conftest import through
+from tests.faultproxy import FaultProxy
+from tests.pgcluster import free_port
+
+TIMEOUT = 0.5
+SLACK = 0.25  # what a deadline may overrun by: scheduling, not waiting
+WAIT = 10  # how long a test waits for any round: a hung round fails, never hangs
+
+MakeChecker = Callable[..., HealthChecker]
+
+
+@contextlib.contextmanager
+def runs_under(seconds: float) -> Iterator[None]:
+    """Fail when the block takes `seconds` or more (asyncpg's `assertRunUnder`)."""
+    started = time.perf_counter()
+    yield
+    elapsed = time.perf_counter() - started
+    assert elapsed < seconds, f"took {elapsed:.3f} s, expected under {seconds} s"
+
+
+@pytest.fixture
+def make_checker() -> Iterator[MakeChecker]:
+    """Builds a HealthChecker of real probes for {name: url}; closes every one after the test."""
+    made: list[HealthChecker] = []
+
+    def make(urls: dict[str, str], timeout: float = TIMEOUT, cache_ttl: float = 0.0):
+        probes = [probe_for(Datastore(name, url), timeout) for name, url in urls.items()]
+        made.append(HealthChecker(probes, timeout, cache_ttl))
+        return made[-1]
+
+    yield make
+    for checker in made:
+        checker.close()
+
+
+@pytest.fixture
+def database(database_proxy: FaultProxy, database_url: str) -> dict[str, str]:
+    """The real PostgreSQL, behind the fault proxy, as the datastore `database`."""
+    return {"database": through(database_proxy, database_url)}
+
+
+@pytest.fixture(params=["refused", "blackhole", "unresolvable", "wrong-password"])
+def fault(request: pytest.FixtureRequest) -> tuple[str, set[str]]:
+    """A database URL that fails one way, and the words the report may give for it."""
+    timed_out = f"timed out after {TIMEOUT:g} s"
+    if request.param == "refused":
+        return f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", {"connection refused"}
+    if request.param == "blackhole":
+        proxy = request.getfixturevalue("database_proxy")
+        proxy.set_mode("blackhole")
+        return through(proxy, request.getfixturevalue("database_url")), {timed_out}
+    if request.param == "unresolvable":  # some resolvers hang rather than fail
+        return "postgresql://x@db.invalid/x", {"name not resolved", timed_out}
+    wrong = request.getfixturevalue("pg_cluster").dsn(password="wrong")  # noqa: S106 - on purpose
+    return wrong, {"authentication failed"}
+
+
+def test_no_datastores_is_healthy_at_once(make_checker: MakeChecker):
+    """With nothing to probe the report is ready before anyone waits, and healthy."""
+    current = make_checker({}).report()
+    assert current.done()
+    assert current.result(WAIT).status == "Healthy"
+    assert current.result(WAIT).http_status == 200
+
+
+def test_a_healthy_database_gives_the_seed_body(make_checker: MakeChecker, database):
+    """A database that answers: 200 and exactly the seed's JSON."""
+    report = make_checker(database).report().result(WAIT)
+    assert report.http_status == 200
+    assert report.body("c") == b'{"commit": "c", "status": "Healthy"}'
+
+
+def test_a_failing_datastore_is_reported_by_the_deadline(make_checker: MakeChecker, fault):
+    """Each kind of failure: a 500 within timeout + 0.25 s, naming datastore and failure."""
+    url, reasons = fault
+    with runs_under(TIMEOUT + SLACK):
+        report = make_checker({"database": url}).report().result(WAIT)
+    assert report.http_status == 500
+    assert report.status in {f"database: {reason}" for reason in reasons}
+
+
+@pytest.mark.parametrize("order", [("cache", "database"), ("database", "cache")])
+def test_failures_are_joined_in_the_probes_order(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy, order
+):
+    """Every failed datastore is named, in the order of the probes, joined by '; '."""
+    database_proxy.set_mode("blackhole")
+    urls = {"cache": f"redis://127.0.0.1:{free_port()}", **database}
+    reasons = {"cache": "connection refused", "database": "timed out after 0.5 s"}
+    report = make_checker({name: urls[name] for name in order}).report().result(WAIT)
+    assert report.status == "; ".join(f"{name}: {reasons[name]}" for name in order)
+
+
+def test_the_verbose_body_details_each_check(make_checker: MakeChecker, database):
+    """Verbose adds every datastore's status, duration and error."""
+    urls = {**database, "cache": f"redis://127.0.0.1:{free_port()}"}
+    document = json.loads(make_checker(urls).report().result(WAIT).body("c", verbose=True))
+    checks = document["checks"]
+    assert {name: (check["status"], check["error"]) for name, check in checks.items()} == {
+        "database": ("Healthy", None),
+        "cache": ("Unhealthy", "connection refused"),
+    }
+    assert all(isinstance(check["duration_ms"], float) for check in checks.values())
+
+
+def test_datastores_are_probed_concurrently(make_checker: MakeChecker, database_url: str):
+    """Three datastores 0.3 s slow each answer in about 0.3 s together, not 0.9 s."""
+    upstream = (urlsplit(database_url).hostname or "127.0.0.1", urlsplit(database_url).port or 5432)
+    with contextlib.ExitStack() as stack:
+        proxies = [
+            stack.enter_context(FaultProxy(upstream, mode="delay", delay=0.3)) for _ in "abc"
+        ]
+        urls = {f"db{n}": through(proxy, database_url) for n, proxy in enumerate(proxies)}
+        checker = make_checker(urls, timeout=2.0)
+        with runs_under(0.6):
+            report = checker.report().result(WAIT)
+    assert report.healthy
+    assert all(check.duration_ms >= 300 for check in report.checks)
+
+
+def test_concurrent_callers_share_one_round(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy
+):
+    """200 threads asking at once all get the same Report, from one connection."""
+    database_proxy.set_mode("delay", delay=0.3)
+    checker = make_checker(database, timeout=2.0)
+    everyone = threading.Barrier(200, timeout=WAIT)
+
+    def ask() -> Report:
+        everyone.wait()
+        return checker.report().result(WAIT)
+
+    with ThreadPoolExecutor(200) as pool:
+        reports = list(pool.map(lambda _: ask(), range(200)))
+    assert all(report is reports[0] for report in reports)
+    assert reports[0].healthy
+    assert database_proxy.accepted <= 1
+
+
+def test_a_finished_round_is_reused_within_cache_ttl(make_checker: MakeChecker, database):
+    """Right after a round, report() hands back the same finished future."""
+    checker = make_checker(database, cache_ttl=1.0)
+    first = checker.report()
+    first.result(WAIT)
+    assert checker.report() is first
+
+
+def test_without_a_cache_each_report_after_a_round_is_a_new_round(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy
+):
+    """With cache_ttl=0 a finished round is never reused; its connection is."""
+    checker = make_checker(database, cache_ttl=0)
+    first = checker.report()
+    first.result(WAIT)
+    second = checker.report()
+    assert second is not first
+    assert second.result(WAIT).healthy
+    assert database_proxy.accepted == 1
+
+
+def test_a_recovered_datastore_is_healthy_after_one_more_round(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy
+):
+    """Once the database is back, the first round after the cached failure is healthy."""
+    database_proxy.set_mode("refuse")
+    checker = make_checker(database, cache_ttl=0.3)
+    failed = checker.report().result(WAIT)
+    assert failed.status == "database: connection refused"
+    database_proxy.set_mode("pass")
+    with runs_under(0.3 + TIMEOUT + SLACK):
+        while (report := checker.report().result(WAIT)) is failed:  # until the cache expires
+            time.sleep(0.01)
+    assert report.healthy
+
+
+def test_rounds_from_fresh_event_loops_reuse_one_connection(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy
+):
+    """Five loops in turn, as Flask gives async views under WSGI: one pool, one connection."""
+    checker = make_checker(database)
+    reports = [asyncio.run(asyncio.wait_for(checker.wait(), WAIT)) for _ in range(5)]
+    assert all(report.healthy for report in reports)
+    assert len({id(report) for report in reports}) == 5
+    assert database_proxy.accepted == 1
+
+
+def test_close_closes_the_connection_and_can_be_repeated(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy
+):
+    """close() ends the server connection; a second close() does nothing and raises nothing."""
+    checker = make_checker(database)
+    assert checker.report().result(WAIT).healthy
+    assert database_proxy.open == 1
+    checker.close()
+    assert database_proxy.wait_open(0, timeout=2)
+    checker.close()
+
+
+def test_close_stops_and_closes_the_probe_loop(make_checker: MakeChecker, database):
+    """Once close() returns the probe loop is closed, its thread over: nothing is leaked."""
+    checker = make_checker(database)
+    assert checker.report().result(WAIT).healthy
+    loop = checker._loop
+    checker.close()
+    assert loop is not None
+    assert loop.is_closed()

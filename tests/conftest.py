@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -33,6 +35,15 @@ def database_proxy(database_url: str) -> Iterator[FaultProxy]:
     parts = urlsplit(database_url)
     with FaultProxy((parts.hostname or "127.0.0.1", parts.port or 5432)) as proxy:
         yield proxy
+
+
+@contextlib.contextmanager
+def runs_under(seconds: float) -> Iterator[None]:
+    """Fail when the block takes `seconds` or more (asyncpg's `assertRunUnder`)."""
+    started = time.perf_counter()
+    yield
+    elapsed = time.perf_counter() - started
+    assert elapsed < seconds, f"took {elapsed:.3f} s, expected under {seconds} s"
 
 
 def through(proxy: FaultProxy, url: str) -> str:

@@ -16,7 +16,7 @@ import pytest
 from application.config import Datastore
 from application.health import HealthChecker, Report
 from application.probes import probe_for
-from tests.conftest import through
+from tests.conftest import runs_under, through
 from tests.faultproxy import FaultProxy
 from tests.pgcluster import free_port
 
@@ -25,15 +25,6 @@ SLACK = 0.25  # what a deadline may overrun by: scheduling, not waiting
 WAIT = 10  # how long a test waits for any round: a hung round fails, never hangs
 
 MakeChecker = Callable[..., HealthChecker]
-
-
-@contextlib.contextmanager
-def runs_under(seconds: float) -> Iterator[None]:
-    """Fail when the block takes `seconds` or more (asyncpg's `assertRunUnder`)."""
-    started = time.perf_counter()
-    yield
-    elapsed = time.perf_counter() - started
-    assert elapsed < seconds, f"took {elapsed:.3f} s, expected under {seconds} s"
 
 
 @pytest.fixture

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit
 
@@ -15,21 +13,12 @@ import pytest
 
 from application.config import Datastore
 from application.probes import PostgresProbe, Probe, describe, probe_for
-from tests.conftest import through
+from tests.conftest import runs_under, through
 from tests.faultproxy import FaultProxy
 from tests.pgcluster import PgCluster, free_port
 
 TIMEOUT = 0.3  # the deadline a caller puts around a ping, as a health round does
 SLACK = 0.25  # what a deadline may overrun by: scheduling, not waiting
-
-
-@contextlib.contextmanager
-def runs_under(seconds: float) -> Iterator[None]:
-    """Fail when the block takes `seconds` or more (asyncpg's `assertRunUnder`)."""
-    started = time.perf_counter()
-    yield
-    elapsed = time.perf_counter() - started
-    assert elapsed < seconds, f"took {elapsed:.3f} s, expected under {seconds} s"
 
 
 async def failure(probe: Probe) -> BaseException:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import structlog
 from flask import request
 
 from application import app, asgi_app
@@ -15,6 +16,7 @@ __all__ = ["app", "asgi_app"]
 async def slow() -> dict[str, float]:
     """Waits without blocking, as a view awaiting a datastore would."""
     seconds = float(request.args.get("seconds", "1"))
+    structlog.get_logger().info("slow view started", seconds=seconds)
     await asyncio.sleep(seconds)
     return {"slept": seconds}
 

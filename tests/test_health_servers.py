@@ -50,7 +50,7 @@ def test_200_concurrent_requests_share_one_probe_round(
 ) -> None:
     """A burst of /health is one probe at a time, one connection, and 200 answers of 200."""
     database_proxy.set_mode("delay", delay=0.3)
-    server = servers.start(mode, behind_proxy)
+    server = servers.start(mode, {**behind_proxy, "HEALTH_TIMEOUT": "2"})  # sharing, not deadline
     try:
         answers = asyncio.run(_burst(server.url + "/health", 200))
     finally:
@@ -139,7 +139,9 @@ def test_other_routes_answer_while_200_health_requests_wait(
     finally:
         server.stop()
     assert [answer.status_code for answer in answers] == [500] * 200
-    assert max(seconds) < 0.25, seconds
+    # A starved thread pool would make them wait the 3 s deadline; a busy loop, a few ms.
+    assert sorted(seconds)[len(seconds) // 2] < 0.1, seconds
+    assert max(seconds) < 1.0, seconds
 
 
 def test_a_database_restart_leaves_connections_bounded(pg_cluster: PgCluster) -> None:

@@ -57,7 +57,7 @@ def test_async_views_run_side_by_side(mode: str) -> None:
     finally:
         running.stop()
     print(f"{mode}: 20 x 1 s in {burst_seconds:.2f} s, / answered in {index_seconds * 1000:.1f} ms")
-    assert burst_seconds < 2.5  # serialized, it would take 20 s (4 s with a pool of 6)
+    assert burst_seconds < 3.5  # serialized, it would take 20 s (4 s with a pool of 6)
     assert index_seconds < 0.5
 
 
@@ -68,7 +68,7 @@ def test_sigterm_lets_an_in_flight_request_finish(mode: str) -> None:
     answer: list[httpx.Response] = []
     client = threading.Thread(target=lambda: answer.append(running.get("/slow?seconds=2")))
     client.start()
-    time.sleep(0.5)  # the request is in flight
+    running.wait_for_line("slow view started")
     assert running.stop() == 0
     client.join()
     assert answer[0].status_code == 200

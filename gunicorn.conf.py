@@ -4,7 +4,8 @@ Importing the application here checks the settings in the master (a bad one stop
 instead of crash-looping its workers) and puts the master's own lines in the app's format.
 """
 
-from application import config as service, logs
+from application import config as service
+from application import logs
 
 # (No bare `config` here: gunicorn would read it as its own `config` setting.)
 bind = f"0.0.0.0:{service.port}"

@@ -26,6 +26,7 @@ class FaultProxy:
       "refuse"    nothing listens on the port (connect gets ECONNREFUSED);
       "blackhole" accept, never answer, never connect upstream (a hung server).
     Switching to any mode other than "pass" also cuts every existing connection.
+    Either side's EOF closes both sides: no half-closed connections.
     """
 
     def __init__(
@@ -46,7 +47,8 @@ class FaultProxy:
         self._accepted = 0
         self._open = 0
         self._links: set[_Link] = set()
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._adopting: set[asyncio.Task[None]] = set()
         self._stopped = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name=f"FaultProxy{upstream}", daemon=True)
@@ -100,6 +102,15 @@ class FaultProxy:
         """
         with self._cond:
             return self._cond.wait_for(lambda: self._open <= n, timeout)
+
+    def wait_accepted(self, n: int, timeout: float) -> bool:
+        """Block until at least `n` connections were accepted; False on timeout.
+
+        A client's connect() returns once the kernel has the connection, a moment before
+        the proxy counts it, so wait for this before asserting on `open`.
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: self._accepted >= n, timeout)
 
     async def wait_open_async(self, n: int, timeout: float) -> bool:  # noqa: ASYNC109
         """`wait_open` without blocking the caller's event loop; False on timeout, no raise."""
@@ -170,7 +181,7 @@ class FaultProxy:
 
     async def _listen(self) -> None:
         """Listen on the same port every time, so clients keep the address they were given."""
-        if self._server is not None:
+        if self._listener is not None:
             return
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -178,21 +189,52 @@ class FaultProxy:
             sock.bind((self.host, self.port))
             sock.listen(128)
             sock.setblocking(False)
+            self._loop.add_reader(sock.fileno(), self._accept_ready, sock)
         except BaseException:
             sock.close()
             raise
         self.port = sock.getsockname()[1]
-        self._server = await self._loop.create_server(lambda: _ClientSide(self), sock=sock)
+        self._listener = sock
 
     async def _unlisten(self) -> None:
-        """Close the listening socket so connects are refused by the kernel."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            await server.wait_closed()
+        """Close the listening socket so connects are refused by the kernel.
+
+        Accepting by hand rather than with loop.create_server: closing an asyncio Server
+        while an accept is in flight leaks that accepted socket on Python 3.11.
+        """
+        sock, self._listener = self._listener, None
+        if sock is not None:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        await asyncio.gather(*self._adopting, return_exceptions=True)
+
+    def _accept_ready(self, sock: socket.socket) -> None:
+        """Accept every queued connection and hand each to a transport."""
+        for _ in range(128):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError:
+                return  # e.g. EMFILE: the connection stays queued until the next readiness
+            conn.setblocking(False)
+            task = self._loop.create_task(self._adopt(conn))
+            self._adopting.add(task)
+            task.add_done_callback(self._adopting.discard)
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        """Wrap an accepted socket in a transport; never let it leak on the way."""
+        try:
+            await self._loop.connect_accepted_socket(lambda: _ClientSide(self), conn)
+        except OSError:
+            conn.close()
+        except asyncio.CancelledError:
+            conn.close()
+            raise
 
     async def _cut(self) -> None:
         """Abort every connection and wait until their sockets are gone."""
+        await asyncio.gather(*self._adopting, return_exceptions=True)
         links = list(self._links)
         for link in links:
             link.close(abort=True)
@@ -212,6 +254,7 @@ class FaultProxy:
             self._accepted += 1
             self._open += 1
             self._links.add(link)
+            self._cond.notify_all()
             return self._mode, self._delay
 
     def _client_closed(self, link: _Link) -> None:

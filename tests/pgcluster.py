@@ -76,13 +76,13 @@ class PgCluster:
 
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
         self.bindir = find_bindir()
+        self._run_as = _os_user()
         self._owns_dir = directory is None
         self.dir = Path(directory or tempfile.mkdtemp(prefix="pgcluster-")).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.datadir = self.dir / "data"
         self.socket_dir = self.dir
         self.log_path = self.dir / "postgres.log"
-        self._run_as = _os_user()
         if self._run_as is not None:
             os.chown(self.dir, self._run_as.pw_uid, self._run_as.pw_gid)
         marker = self.dir / _MARKER
@@ -120,6 +120,7 @@ class PgCluster:
         self.start()
 
     def running(self) -> bool:
+        """Whether the server is up, so stop() and close() can be called at any point."""
         if not (self.datadir / "PG_VERSION").exists():
             return False
         return self._pg("pg_ctl", "status", "-D", str(self.datadir)).returncode == 0
@@ -181,7 +182,10 @@ class PgCluster:
             "--no-sync", "--auth-local=trust", "--auth-host=scram-sha-256",
         )  # fmt: skip
         if result.returncode != 0:
-            raise RuntimeError(f"initdb failed:\n{result.stdout}")
+            hint = ""
+            if self._run_as is not None:
+                hint = f"(as root it runs as OS user postgres, who must reach {self.dir})\n"
+            raise RuntimeError(f"initdb failed:\n{hint}{result.stdout}")
         settings = {
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+import threading
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
@@ -21,6 +26,7 @@ health = Blueprint("health", __name__)
 def create_app(config: Config, checker: HealthChecker | None = None) -> Flask:
     """The app for `config`; its health checker is made from the configured datastores."""
     app = Flask("application")
+    app.async_to_sync = run_on_thread_loop  # type: ignore[method-assign]
     app.config["SERVICE"] = config
     app.extensions["health"] = checker or HealthChecker(
         [probe_for(datastore, config.health_timeout) for datastore in config.datastores],
@@ -33,6 +39,29 @@ def create_app(config: Config, checker: HealthChecker | None = None) -> Flask:
     app.register_blueprint(health)
     app.add_url_rule("/", "index", _index)
     return app
+
+
+_thread_loops = threading.local()
+
+
+def run_on_thread_loop(
+    func: Callable[..., Coroutine[Any, Any, Any]],
+) -> Callable[..., Any]:
+    """Run an async view on its worker thread's own event loop, kept for the thread's life.
+
+    asgiref's `async_to_sync`, Flask's default, starts a thread and a loop for every call
+    when no outer loop is running (every request under gunicorn): the measured cost was half
+    of `/health`'s throughput. The checker's rounds never depend on which loop waits.
+    """
+
+    @functools.wraps(func)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        loop = getattr(_thread_loops, "loop", None)
+        if loop is None:
+            loop = _thread_loops.loop = asyncio.new_event_loop()
+        return loop.run_until_complete(func(*args, **kwargs))
+
+    return run
 
 
 def _index() -> Response:

@@ -148,9 +148,10 @@ def test_a_database_restart_leaves_connections_bounded(pg_cluster: PgCluster) ->
     """Thousands of uncached rounds and a restart in the middle: at most one probe connection."""
     server = servers.start("hypercorn-asgi", {**FAST, "DATABASE_URL": pg_cluster.dsn()})
     try:
-        first = [server.get("/health").status_code for _ in range(1000)]
-        pg_cluster.restart()
-        during = [server.get("/health").status_code for _ in range(1000)]
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            first = [client.get("/health").status_code for _ in range(1000)]
+            pg_cluster.restart()
+            during = [client.get("/health").status_code for _ in range(1000)]
         connections = asyncio.run(_probe_connections(pg_cluster))
     finally:
         server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import logging.config
 import re
@@ -52,6 +53,8 @@ def configure(config: Config, stream: TextIO | None = None) -> None:
     )
     logging.config.dictConfig(dict_config(config, stream))
     logging.captureWarnings(True)
+    # Nothing renders a record's thread or process names: skip looking them up per record.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_in_thread
 
@@ -119,10 +122,18 @@ def _renderer(config: Config) -> tuple[Processor, Processor]:
     if config.log_format == "json":
         tracebacks = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
         return (
-            structlog.processors.JSONRenderer(),
+            structlog.processors.JSONRenderer(serializer=_to_json),
             structlog.processors.ExceptionRenderer(tracebacks),
         )
     return render_line, structlog.processors.format_exc_info
+
+
+_json = json.JSONEncoder(default=repr)
+
+
+def _to_json(event_dict: EventDict, **_: Any) -> str:
+    """One encoder for every event: json.dumps builds a new one whenever `default` is given."""
+    return _json.encode(event_dict)
 
 
 def render_line(_: WrappedLogger, __: str, event_dict: EventDict) -> str:

@@ -30,7 +30,7 @@ _LEVELS = {
     "fatal": "CRITICAL",
 }
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_NEEDS_QUOTES = re.compile(r'[\s="\\]')
+_BARE = re.compile(r'[^\s="\\]+')  # a logfmt value that needs no quotes
 
 log = structlog.get_logger()
 
@@ -143,8 +143,8 @@ def render_line(_: WrappedLogger, __: str, event_dict: EventDict) -> str:
     line = f"{timestamp} [{level}] {escape(str(event_dict.pop('event', '')))}"
     if not event_dict:
         return line
-    pairs = " ".join(f"{escape(str(key))}={_logfmt(value)}" for key, value in event_dict.items())
-    return f"{line} {pairs}"
+    pairs = [f"{escape(str(key))}={_logfmt(value)}" for key, value in event_dict.items()]
+    return f"{line} {' '.join(pairs)}"
 
 
 def escape(text: str) -> str:
@@ -155,12 +155,17 @@ def escape(text: str) -> str:
 
 
 def _logfmt(value: object) -> str:
-    if value is None:
+    if isinstance(value, str):
+        text = value
+    elif value is None:
         return "null"
-    if value is True or value is False:
+    elif isinstance(value, bool):
         return "true" if value else "false"
-    text = value if isinstance(value, str) else str(value)
-    if text and text.isprintable() and not _NEEDS_QUOTES.search(text):
+    elif isinstance(value, int | float):
+        return str(value)
+    else:
+        text = str(value)
+    if text.isprintable() and _BARE.fullmatch(text):
         return text
     return '"' + escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 

@@ -1,0 +1,809 @@
+"""Measure the service side by side with its references, in one run, on this machine.
+
+Servers run pinned to core 0 (`taskset -c 0`), load generators to core 1 (`taskset -c 1`;
+this script pins itself there too, with the FaultProxies it runs). Every figure is also a
+ratio to a reference measured in the same run, printed next to its target (PASS/MISS).
+Writes bench/results.md and bench/chart.png; servers' stdout goes to bench/out/.
+
+    scripts/bench               # the whole run, about 3-4 minutes
+    scripts/bench --quick       # 2 s wrk runs instead of 5 s, for a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+OUT = BENCH / "out"
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from tests.faultproxy import FaultProxy  # noqa: E402
+from tests.servers import free_port  # noqa: E402
+
+PG = ("127.0.0.1", 5432)
+COMMIT = "bench"
+WRK_THREADS, WRK_CONNECTIONS = 1, 50
+SERVER_CORE, LOAD_CORE = "0", "1"
+
+
+# -- servers ---------------------------------------------------------------------------------
+
+
+def pg_url(port: int = PG[1]) -> str:
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+def start(kind: str, name: str, env: dict[str, str] | None = None) -> Server:
+    """hypercorn (asgi_app or the raw ceiling) or gunicorn (app), one process on core 0."""
+    port = free_port()
+    bind = f"127.0.0.1:{port}"
+    pythonpath = str(ROOT)
+    if kind == "hypercorn":
+        command = [str(BIN / "hypercorn"), "--config", "hypercorn.toml", "--bind", bind,
+                   "application:asgi_app"]  # fmt: skip
+    elif kind == "raw":
+        command = [str(BIN / "hypercorn"), "--config", "hypercorn.toml", "--bind", bind,
+                   "raw_asgi:app"]  # fmt: skip
+        pythonpath = f"{BENCH}{os.pathsep}{ROOT}"
+    elif kind == "gunicorn":
+        command = [str(BIN / "gunicorn"), "--bind", bind, "--workers", "1", "application:app"]
+    else:
+        raise ValueError(kind)
+    full_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", str(ROOT)),
+        "COMMIT_SHA": COMMIT,
+        "PYTHONPATH": pythonpath,
+        **(env or {}),
+    }
+    log = OUT / f"{name}.log"
+    with log.open("wb") as stdout:
+        process = subprocess.Popen(
+            ["taskset", "-c", SERVER_CORE, *command],
+            cwd=ROOT,
+            env=full_env,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(name, port, process, log)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{name} exited with {process.returncode}; see {log}")
+        try:
+            httpx.get(server.url + "/health/live", timeout=1)
+            return server
+        except httpx.TransportError:
+            time.sleep(0.05)
+    server.stop()
+    raise SystemExit(f"{name} did not answer in 20 s; see {log}")
+
+
+# -- wrk ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int  # socket errors plus non-2xx/3xx answers
+    total_requests: int = 0  # warm-up included
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _ms(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+    return float(number) * _UNITS[unit]
+
+
+def _parse_wrk(output: str) -> WrkResult:
+    def grab(pattern: str) -> str:
+        match = re.search(pattern, output)
+        if match is None:
+            raise RuntimeError(f"unexpected wrk output:\n{output}")
+        return match.group(1)
+
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
+    if non2xx := re.search(r"Non-2xx or 3xx responses: (\d+)", output):
+        errors += int(non2xx.group(1))
+    return WrkResult(
+        requests=int(grab(r"(\d+) requests in")),
+        rps=float(grab(r"Requests/sec:\s+([\d.]+)")),
+        p50_ms=_ms(grab(r"50%\s+([\d.]+\w+)")),
+        p99_ms=_ms(grab(r"99%\s+([\d.]+\w+)")),
+        errors=errors,
+    )
+
+
+def wrk_command(url: str, seconds: float, connections: int = WRK_CONNECTIONS) -> list[str]:
+    return [
+        "taskset", "-c", LOAD_CORE, "wrk", f"-t{WRK_THREADS}", f"-c{connections}",
+        f"-d{seconds:g}s", "--timeout", "5s", "--latency", url,
+    ]  # fmt: skip
+
+
+def wrk(url: str, seconds: float, connections: int = WRK_CONNECTIONS) -> WrkResult:
+    """A 1 s warm-up run, then the measured one."""
+    warm = subprocess.run(
+        wrk_command(url, 1, connections), capture_output=True, text=True, timeout=30, check=True
+    )
+    done = subprocess.run(
+        wrk_command(url, seconds, connections),
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+    )
+    result = _parse_wrk(done.stdout)
+    result.total_requests = result.requests + _parse_wrk(warm.stdout).requests
+    return result
+
+
+# -- async clients -----------------------------------------------------------------------------
+
+
+@dataclass
+class Burst:
+    seconds: float  # from the first request sent to the last answer
+    statuses: list[int]  # 0 for a transport error
+    latencies: list[float]  # each request's seconds
+
+
+async def burst(url: str, n: int) -> Burst:
+    """`n` concurrent GETs of `url`, one per connection, all connected before the first is sent,
+    so the burst times the server's answers and not the client's connection setup.
+
+    Plain asyncio sockets, not httpx.AsyncClient: with 200 requests in flight httpx's pool
+    took 6.4-7.4 s against the raw ASGI app where these sockets take ~0.2 s on this machine,
+    so an httpx burst would time the client.
+    """
+    parts = httpx.URL(url)
+    target = parts.raw_path.decode()
+    request = f"GET {target} HTTP/1.1\r\nHost: {parts.host}:{parts.port}\r\n\r\n".encode()
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, float]:
+        started = time.perf_counter()
+        try:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            length = next(
+                int(line.split(":", 1)[1])
+                for line in lines
+                if line.lower().startswith("content-length:")
+            )
+            await reader.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError, ValueError, StopIteration):
+            status = 0
+        return status, time.perf_counter() - started
+
+    async with asyncio.timeout(30):
+        connections = await asyncio.gather(
+            *(asyncio.open_connection(parts.host, parts.port) for _ in range(n))
+        )
+        try:
+            started = time.perf_counter()
+            answers = await asyncio.gather(*(one(r, w) for r, w in connections))
+            took = time.perf_counter() - started
+        finally:
+            for _, writer in connections:
+                writer.close()
+    return Burst(took, [s for s, _ in answers], [t for _, t in answers])
+
+
+async def timed_gets(url: str, n: int) -> list[float]:
+    """`n` sequential GETs on one connection: each one's seconds."""
+    times = []
+    async with httpx.AsyncClient(timeout=15) as client:
+        await client.get(url)  # connect first
+        for _ in range(n):
+            started = time.perf_counter()
+            response = await client.get(url)
+            times.append(time.perf_counter() - started)
+            if response.status_code != 200:
+                raise RuntimeError(f"{url}: {response.status_code} {response.text[:200]}")
+    return times
+
+
+class FakeRedis:
+    """Answers +PONG to every line-terminated command: an upstream for delayed redis probes."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while line := await reader.readline():
+                    if line.upper().startswith((b"PING", b"AUTH")):
+                        writer.write(b"+PONG\r\n")
+                        await writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+
+        async def main() -> None:
+            server = await asyncio.start_server(serve, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            ready.set()
+            await asyncio.Event().wait()
+
+        self.loop.run_until_complete(main())
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    figure: str
+    what: str
+    value: str
+    reference: str = ""
+    ratio: float | None = None
+    target: str = ""
+    ok: bool | None = None
+    chart: str = ""  # label when the ratio goes on the chart
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    throughput: dict[str, WrkResult] = field(default_factory=dict)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        mark = "" if row.ok is None else ("PASS" if row.ok else "MISS")
+        ratio = "" if row.ratio is None else f"{row.ratio:.2f}x"
+        print(f"  [{row.figure}] {row.what}: {row.value} {ratio} {row.target} {mark}", flush=True)
+
+
+def fmt_wrk(result: WrkResult) -> str:
+    text = f"{result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms"
+    return text + (f", {result.errors} errors" if result.errors else "")
+
+
+# -- the figures ---------------------------------------------------------------------------------
+
+
+def figure1(results: Results, seconds: float) -> None:
+    """Throughput and latency: the app under both servers against a raw ASGI ceiling.
+
+    The ceiling is measured before and after the app's runs and their mean is the reference,
+    so a machine getting busier or quieter meanwhile shows up as drift, not as a ratio."""
+    print("1. throughput and latency (wrk)", flush=True)
+    env = {"DATABASE_URL": pg_url()}  # default cache: one real probe a second
+    raws = []
+    for attempt in ("", "-again"):
+        if attempt:
+            measured = _figure1_app(results, seconds, env)
+        raw = start("raw", f"fig1-raw-asgi{attempt}")
+        try:
+            raws.append(wrk(raw.url + "/health", seconds))
+        finally:
+            raw.stop()
+    results.throughput = {"raw ASGI": raws[0], **results.throughput}
+    ceiling = statistics.mean(r.rps for r in raws)
+    reference = f"{ceiling:,.0f} req/s raw (mean of 2)"
+    for raw, when in zip(raws, ("before", "after"), strict=True):
+        results.add(
+            Row("1", f"raw ASGI app, hypercorn (ceiling), {when} the app's runs", fmt_wrk(raw),
+                reference, raw.rps / ceiling)
+        )  # fmt: skip
+    for (kind, label, path), result in measured:
+        ratio = result.rps / ceiling
+        gated = kind == "hypercorn" and path == "/health"
+        results.add(
+            Row(
+                "1",
+                f"`{path}` {label}" + (" (cached)" if path == "/health" else ""),
+                fmt_wrk(result),
+                reference,
+                ratio,
+                ">= 0.5x raw" if gated else "",
+                (ratio >= 0.5 and result.errors == 0) if gated else None,
+                chart=f"{label} {path}" if gated else "",
+            )
+        )
+
+
+def _figure1_app(
+    results: Results, seconds: float, env: dict[str, str]
+) -> list[tuple[tuple[str, str, str], WrkResult]]:
+    measured = []
+    for kind, label in (("hypercorn", "asgi_app, hypercorn"), ("gunicorn", "app, gunicorn")):
+        server = start(kind, f"fig1-{kind}", env)
+        try:
+            for path in ("/health", "/health/live", "/"):
+                result = results.throughput[f"{label} {path}"] = wrk(server.url + path, seconds)
+                measured.append(((kind, label, path), result))
+        finally:
+            server.stop()
+    return measured
+
+
+def figure2(results: Results, seconds: float) -> None:
+    """Uncached /health on a real PostgreSQL: the price of a probe round per request.
+
+    The reference is the same server kind with the default cache, through the same kind of
+    proxy, measured right before and right after (mean of the two)."""
+    print("2. /health uncached, PostgreSQL through a FaultProxy (pass)", flush=True)
+    for kind, label in (("hypercorn", "asgi_app, hypercorn"), ("gunicorn", "app, gunicorn")):
+        with FaultProxy(PG) as proxy, FaultProxy(PG) as cached_proxy:
+            cached_env = {"DATABASE_URL": pg_url(cached_proxy.port)}
+            env = {"DATABASE_URL": pg_url(proxy.port), "HEALTH_CACHE_TTL": "0"}
+            cached_server = start(kind, f"fig2-{kind}-cached", cached_env)
+            server = start(kind, f"fig2-{kind}", env)
+            try:
+                cached = [wrk(cached_server.url + "/health", seconds)]
+                before = proxy.accepted
+                result = wrk(server.url + "/health", seconds)
+                accepted = proxy.accepted - before
+                cached.append(wrk(cached_server.url + "/health", seconds))
+            finally:
+                server.stop()
+                cached_server.stop()
+        cached_rps = statistics.mean(c.rps for c in cached)
+        ratio = result.rps / cached_rps
+        per_request = accepted / max(result.total_requests, 1)
+        results.add(
+            Row(
+                "2",
+                f"`/health` TTL=0, {label}",
+                f"{fmt_wrk(result)}; {accepted} PG connections for "
+                f"{result.total_requests:,} requests ({per_request:.5f}/request)",
+                f"{cached_rps:,.0f} req/s cached (TTL 1 s; "
+                f"{cached[0].rps:,.0f} before, {cached[1].rps:,.0f} after)",
+                ratio,
+                ">= 0.8x cached, ~0 connections/request",
+                ratio >= 0.8 and per_request < 0.001 and result.errors == 0,
+                chart=f"TTL=0 {label.split(', ')[1]} / cached",
+            )
+        )
+
+
+def figure3(results: Results, seconds: float) -> None:
+    """Isolation: /health/live while /health requests hang on a datastore that never answers."""
+    print("3. isolation: /health/live p99 during bursts of /health on a blackhole", flush=True)
+    timeout = 0.8
+    every = 1.2  # one burst started per slot, so hung and control bursts cost the same CPU
+    with FaultProxy(PG, mode="blackhole") as proxy:
+        env = {
+            "DATABASE_URL": pg_url(proxy.port),
+            "HEALTH_CACHE_TTL": "0",
+            "HEALTH_TIMEOUT": str(timeout),
+        }
+        server = start("hypercorn", "fig3-hypercorn", env)
+        live = server.url + "/health/live"
+        try:
+            quiet = wrk(live, seconds, connections=10)
+            results.add(Row("3", "`/health/live` undisturbed (wrk -c10)", fmt_wrk(quiet)))
+            for n, path in ((20, "/health"), (200, "/health"), (200, "/health/live")):
+                subprocess.run(wrk_command(live, 1, 10), capture_output=True, timeout=30)
+                loaded = subprocess.Popen(
+                    wrk_command(live, seconds, 10), stdout=subprocess.PIPE, text=True
+                )
+                bursts: list[Burst] = []
+                window_end = time.monotonic() + seconds - every
+                while True:  # a burst every `every` s while wrk runs
+                    slot = time.monotonic() + every
+                    bursts.append(asyncio.run(burst(server.url + path, n)))
+                    if time.monotonic() > window_end:
+                        break
+                    time.sleep(max(0.0, slot - time.monotonic()))
+                output, _ = loaded.communicate(timeout=seconds + 30)
+                disturbed = _parse_wrk(output)
+                ratio = disturbed.p99_ms / quiet.p99_ms
+                walls = [b.seconds for b in bursts]
+                statuses = [s for b in bursts for s in b.statuses]
+                expected = 500 if path == "/health" else 200
+                answered = sum(1 for s in statuses if s == expected)
+                worst = max(walls)
+                detail = (
+                    f"{fmt_wrk(disturbed)}; {len(bursts)} bursts of {n}, each "
+                    f"{statistics.median(walls) * 1000:.0f} ms median, {worst * 1000:.0f} ms max; "
+                    f"{answered}/{len(statuses)} answered {expected}"
+                )
+                if path == "/health":
+                    results.add(
+                        Row(
+                            "3",
+                            f"`/health/live` during bursts of {n} `/health` hung on a blackhole",
+                            detail,
+                            f"p99 {quiet.p99_ms:.2f} ms undisturbed; deadline {timeout} s",
+                            ratio,
+                            "p99 < 2x undisturbed, burst within one deadline",
+                            ratio < 2.0 and worst < timeout * 1.25 and answered == len(statuses),
+                            chart=f"live p99, {n} hung / quiet",
+                        )
+                    )
+                else:  # control: the same burst CPU, nothing hung
+                    results.add(
+                        Row(
+                            "3",
+                            f"control: `/health/live` during bursts of {n} `/health/live`",
+                            detail,
+                            f"p99 {quiet.p99_ms:.2f} ms undisturbed",
+                            ratio,
+                        )
+                    )
+        finally:
+            server.stop()
+
+
+def figure4(results: Results) -> None:
+    """Probe concurrency: three datastores each 100 ms away take 100 ms together, not 300."""
+    print("4. three datastores 100 ms away each", flush=True)
+    delay = 0.1
+    upstream = FakeRedis()
+    proxies = [FaultProxy(("127.0.0.1", upstream.port), mode="delay", delay=delay) for _ in "abc"]
+    try:
+        urls = " ".join(
+            f"{name}=redis://127.0.0.1:{p.port}" for name, p in zip("abc", proxies, strict=True)
+        )
+        env = {"DATASTORE_URLS": urls, "HEALTH_CACHE_TTL": "0"}
+        server = start("hypercorn", "fig4-hypercorn", env)
+        try:
+            times = asyncio.run(timed_gets(server.url + "/health", 21))
+        finally:
+            server.stop()
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+    median = statistics.median(times)
+    ratio = median / delay
+    results.add(
+        Row(
+            "4",
+            "`/health` with 3 datastores, each 100 ms away (redis PING via delay proxies)",
+            f"median {median * 1000:.0f} ms, max {max(times) * 1000:.0f} ms over {len(times)}",
+            "100 ms (one datastore)",
+            ratio,
+            "< 1.3x",
+            ratio < 1.3,
+            chart="3 datastores / 100 ms",
+        )
+    )
+
+
+def figure5(results: Results) -> None:
+    """Probe storm: 200 concurrent /health, uncached, and the datastore sees one connection."""
+    print("5. probe storm: 200 concurrent /health, TTL=0", flush=True)
+    for mode, delay in (("pass", 0.0), ("delay", 0.2)):
+        with FaultProxy(PG, mode=mode, delay=delay) as proxy:  # type: ignore[arg-type]
+            env = {"DATABASE_URL": pg_url(proxy.port), "HEALTH_CACHE_TTL": "0"}
+            server = start("hypercorn", f"fig5-{mode}", env)
+            try:
+                done = asyncio.run(burst(server.url + "/health", 200))
+                took, statuses = done.seconds, done.statuses
+                accepted = proxy.accepted
+            finally:
+                server.stop()
+        ok = sum(1 for s in statuses if s == 200)
+        proxy_text = "pass" if mode == "pass" else f"delay {delay} s on connect"
+        results.add(
+            Row(
+                "5",
+                f"burst of 200 `/health` on a fresh server, PostgreSQL proxy {proxy_text}",
+                f"{accepted} PG connection(s); {ok}/200 answered 200; burst {took * 1000:.0f} ms",
+                "",
+                float(accepted),
+                "1 connection, 200/200 answered 200",
+                accepted == 1 and ok == 200,
+                chart=f"storm ({mode}): connections",
+            )
+        )
+
+
+LOG_VARIANTS = {
+    "baseline": "stdlib logging.Formatter, 'request finished' + 5 args",
+    "app-text": "structlog app event, text",
+    "app-json": "structlog app event, JSON",
+    "foreign-text": "stdlib record from another library via root handler, text",
+    "foreign-json": "stdlib record from another library via root handler, JSON",
+}
+
+
+def log_cost(variant: str) -> float:
+    """µs per event for one variant; run in a fresh interpreter (structlog caches loggers)."""
+    import logging
+    import timeit
+
+    devnull = open(os.devnull, "w")
+    if variant == "baseline":
+        handler = logging.StreamHandler(devnull)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+        )
+        logger = logging.getLogger("bench.baseline")
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+        def emit() -> None:
+            logger.info(
+                "request finished method=%s path=%s status=%s duration_ms=%s remote=%s",
+                "GET", "/health", 200, 1.2, "127.0.0.1",
+            )  # fmt: skip
+    else:
+        import structlog
+
+        from application import logs
+        from application.config import Config
+
+        logs.configure(Config(log_format=variant.rsplit("-", 1)[1]), stream=devnull)
+        if variant.startswith("app"):
+            log = structlog.get_logger()
+
+            def emit() -> None:
+                log.info(
+                    "request finished",
+                    method="GET",
+                    path="/health",
+                    status=200,
+                    duration_ms=1.2,
+                    remote="127.0.0.1",
+                )
+        else:
+            somelib = logging.getLogger("somelib")
+
+            def emit() -> None:
+                somelib.info("x %s", 1)
+
+    number = 20000
+    emit()  # first use: structlog's cache, imports
+    best = min(timeit.repeat(emit, number=number, repeat=5))
+    return best / number * 1e6
+
+
+def figure6(results: Results) -> None:
+    print(
+        "6. logging cost per event (timeit, best of 3 fresh interpreters per variant)", flush=True
+    )
+    samples: dict[str, list[float]] = {variant: [] for variant in LOG_VARIANTS}
+    for _ in range(3):  # variants interleaved, best of 3 fresh processes: other load is noise
+        for variant in LOG_VARIANTS:
+            done = subprocess.run(
+                ["taskset", "-c", SERVER_CORE, sys.executable, __file__, "--log-cost", variant],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+                cwd=ROOT,
+            )
+            samples[variant].append(float(done.stdout.strip().splitlines()[-1]))
+    costs = {variant: min(values) for variant, values in samples.items()}
+    base = costs["baseline"]
+    results.add(Row("6", LOG_VARIANTS["baseline"], f"{base:.2f} µs/event", ratio=1.0))
+    for variant, label in LOG_VARIANTS.items():
+        if variant == "baseline":
+            continue
+        ratio = costs[variant] / base
+        limit = 1.0 if variant.startswith("app") else 2.0
+        results.add(
+            Row(
+                "6",
+                label,
+                f"{costs[variant]:.2f} µs/event",
+                f"{base:.2f} µs/event stdlib",
+                ratio,
+                f"<= {limit:.1f}x baseline",
+                ratio <= limit,
+                chart=f"log {variant} / stdlib",
+            )
+        )
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def machine(nproc: str, load: list[tuple[float, float, float]]) -> list[str]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = ", ".join(
+        f"{name} {metadata.version(name)}"
+        for name in ("hypercorn", "gunicorn", "flask", "structlog")
+    )
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+    return [
+        f"- nproc: {nproc}",
+        f"- CPU: {model}",
+        f"- Python {platform.python_version()} ({platform.python_implementation()}), "
+        f"{platform.system()} {platform.release()}",
+        f"- {versions}",
+        f"- {(wrk_version.stdout or wrk_version.stderr).splitlines()[0].strip()}",
+        "- load average (1/5/15 min) at start: {:.2f} {:.2f} {:.2f}; at end: {:.2f} {:.2f} {:.2f} "
+        "(anything else running on the 2 cores shows up in every figure)".format(
+            *load[0], *load[1]
+        ),
+    ]
+
+
+def table(rows: list[Row]) -> list[str]:
+    lines = [
+        "| # | measurement | result | reference | ratio | target | |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = "" if row.ratio is None else f"{row.ratio:.2f}x"
+        if row.figure == "5":
+            ratio = ""
+        mark = "" if row.ok is None else ("**PASS**" if row.ok else "**MISS**")
+        lines.append(
+            f"| {row.figure} | {row.what} | {row.value} | {row.reference} | {ratio} | "
+            f"{row.target} | {mark} |"
+        )
+    return lines
+
+
+def chart(results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6.5), width_ratios=[1, 1.3])
+    names = list(results.throughput)
+    rps = [results.throughput[name].rps for name in names]
+    colors = ["#888888" if name == "raw ASGI" else "#3b75af" if "hypercorn" in name else "#e1812c"
+              for name in names]  # fmt: skip
+    left.barh(names[::-1], rps[::-1], color=colors[::-1])
+    for y, value in enumerate(rps[::-1]):
+        left.text(value, y, f" {value:,.0f}", va="center", fontsize=8)
+    left.set_xlabel("requests/s (wrk -t1 -c50, server on 1 core)")
+    left.set_title("1. throughput")
+    left.margins(x=0.2)
+
+    charted = [row for row in results.rows if row.chart and row.ratio is not None]
+    labels = [row.chart for row in charted][::-1]
+    values = [row.ratio for row in charted][::-1]
+    colors = ["#4c9a4c" if row.ok else "#c44e52" for row in charted][::-1]
+    right.barh(labels, values, color=colors)
+    for y, (value, row) in enumerate(zip(values, charted[::-1], strict=True)):
+        right.text(value, y, f" {value:.2f}  ({row.target})", va="center", fontsize=8)
+    right.axvline(1.0, color="black", linewidth=0.8)
+    right.set_xlabel("ratio to the reference measured in the same run (green PASS, red MISS)")
+    right.set_title("targets")
+    right.margins(x=0.7)
+    fig.suptitle("application benchmark: ratios to same-run references")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="2 s wrk runs instead of 5 s")
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per wrk run")
+    parser.add_argument("--log-cost", choices=list(LOG_VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.log_cost:
+        print(f"{log_cost(args.log_cost):.4f}")
+        return 0
+
+    if shutil.which("wrk") is None:
+        print(
+            "scripts/bench needs wrk (https://github.com/wg/wrk) on PATH.\n"
+            "  Debian/Ubuntu: sudo apt-get install -y wrk\n"
+            "  macOS:         brew install wrk",
+            file=sys.stderr,
+        )
+        return 2
+    if shutil.which("taskset") is None:
+        print("scripts/bench needs taskset (util-linux) on PATH.", file=sys.stderr)
+        return 2
+    if (os.cpu_count() or 1) < 2:
+        print("scripts/bench needs 2 cores: the servers on core 0, the load on core 1.")
+        return 2
+    try:
+        with socket.create_connection(PG, timeout=2):
+            pass
+    except OSError:
+        print(f"scripts/bench needs PostgreSQL on {PG[0]}:{PG[1]} (user postgres, trust).")
+        return 2
+
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()  # unpinned
+    os.sched_setaffinity(0, {int(LOAD_CORE)})  # this script, its clients and proxies: core 1
+    OUT.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    load = [os.getloadavg()]
+    results = Results()
+    figure1(results, seconds)
+    figure2(results, seconds)
+    figure3(results, seconds)
+    figure4(results)
+    figure5(results)
+    figure6(results)
+    elapsed = time.monotonic() - started
+    load.append(os.getloadavg())
+
+    lines = [
+        "# Benchmark results",
+        "",
+        f"`scripts/bench` run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{elapsed:.0f} s. Servers pinned to core {SERVER_CORE} (one process: hypercorn "
+        f"`workers = 0`, gunicorn `--workers 1` gthread), wrk `-t{WRK_THREADS} "
+        f"-c{WRK_CONNECTIONS} -d{seconds:g}s` after a 1 s warm-up, pinned to core {LOAD_CORE} "
+        "with this script's own clients and FaultProxies. The access log is on (to a file in "
+        "bench/out/). Ratios are to references measured in this same run.",
+        "",
+        *table(results.rows),
+        "",
+        "![chart](chart.png)",
+        "",
+        "## Machine",
+        "",
+        *machine(nproc, load),
+        "",
+    ]
+    print()
+    print("\n".join(table(results.rows)))
+    (BENCH / "results.md").write_text("\n".join(lines))
+    chart(results, BENCH / "chart.png")
+    misses = [row for row in results.rows if row.ok is False]
+    print(f"\nwrote bench/results.md and bench/chart.png in {elapsed:.0f} s; "
+          f"{len(misses)} target(s) missed")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

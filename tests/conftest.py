@@ -29,11 +29,16 @@ def redis_url() -> str:
     return _required("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+def proxy_to(url: str) -> FaultProxy:
+    """A fault proxy in front of the server `url` names."""
+    parts = urlsplit(url)
+    return FaultProxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+
+
 @pytest.fixture
 def database_proxy(database_url: str) -> Iterator[FaultProxy]:
     """A fault proxy in front of the real PostgreSQL."""
-    parts = urlsplit(database_url)
-    with FaultProxy((parts.hostname or "127.0.0.1", parts.port or 5432)) as proxy:
+    with proxy_to(database_url) as proxy:
         yield proxy
 
 

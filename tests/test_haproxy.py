@@ -26,13 +26,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from tests import servers
-from tests.conftest import through
+from tests.conftest import proxy_to, through
 from tests.faultproxy import FaultProxy
 
 INTER = 0.3  # seconds between checks
@@ -150,8 +149,7 @@ def _haproxy_binary() -> str:
 @pytest.fixture
 def database_proxy_b(database_url: str) -> Iterator[FaultProxy]:
     """A second fault proxy to the same PostgreSQL: instance B's own path."""
-    parts = urlsplit(database_url)
-    with FaultProxy((parts.hostname or "127.0.0.1", parts.port or 5432)) as proxy:
+    with proxy_to(database_url) as proxy:
         yield proxy
 
 

@@ -23,7 +23,7 @@ from flask import Flask
 from . import logs
 from .config import Config
 from .health import HealthChecker, Report
-from .web import HEALTH_METHODS, is_verbose
+from .web import HEALTH_METHODS, health, is_verbose, live
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -31,8 +31,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 WsgiResponse = tuple[int, list[tuple[bytes, bytes]], bytes]
 
-READY_PATHS = ("/health", "/health/ready")
-LIVE_PATH = "/health/live"
 _SPOOL_BYTES = 1 << 20  # request bodies past 1 MiB wait on disk, not in memory
 
 
@@ -45,10 +43,16 @@ class AsgiApp:
         self.checker: HealthChecker = flask_app.extensions["health"]
         self._pool = ThreadPoolExecutor(self.config.wsgi_threads, thread_name_prefix="wsgi")
         self._run_wsgi = sync_to_async(_run_wsgi, thread_sensitive=False, executor=self._pool)
+        # The health blueprint's routes, answered here: path -> endpoint ("health.ready", ...).
+        self._health_paths = {
+            rule.rule: rule.endpoint
+            for rule in flask_app.url_map.iter_rules()
+            if rule.endpoint.startswith(f"{health.name}.")
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            if scope["path"] in (*READY_PATHS, LIVE_PATH) and scope["method"] in HEALTH_METHODS:
+            if scope["path"] in self._health_paths and scope["method"] in HEALTH_METHODS:
                 await self._health(scope, send)
             else:
                 await self._flask(scope, receive, send)
@@ -60,7 +64,7 @@ class AsgiApp:
     async def _health(self, scope: Scope, send: Send) -> None:
         started = time.perf_counter()
         request_id = logs.bind_request_id(_header(scope, b"x-request-id"))
-        if scope["path"] == LIVE_PATH:
+        if self._health_paths[scope["path"]] == f"{health.name}.{live.__name__}":
             status, body = 200, Report().body(self.config.commit)
         else:
             report = await self.checker.wait()

@@ -166,7 +166,7 @@ def _datastores(environ: Mapping[str, str]) -> tuple[Datastore, ...]:
         name, equals, url = entry.partition("=")
         if not equals or not _NAME.fullmatch(name):
             raise ConfigError(
-                f"DATASTORE_URLS: entry {redact_entry(entry)!r} is not name=url "
+                f"DATASTORE_URLS: entry {_redact_entry(entry)!r} is not name=url "
                 "(a name is a letter then letters, digits, - or _)"
             )
         entries.append(("DATASTORE_URLS", name, url))
@@ -202,7 +202,7 @@ def _check_url(where: str, url: str, *, postgres_only: bool) -> None:
         raise ConfigError(f"{where}: expected {parts.scheme}://host[:port]")
 
 
-def redact_entry(entry: str) -> str:
+def _redact_entry(entry: str) -> str:
     """A DATASTORE_URLS entry as it may be echoed: anything URL-like loses its credentials."""
     name, _, url = entry.partition("=")
     if not url:

@@ -22,6 +22,10 @@ timeout = 30
 graceful_timeout = 25
 keepalive = 75
 
+# Trust no proxy's X-Forwarded-* here: the app applies TRUSTED_PROXIES itself (werkzeug's
+# ProxyFix), the same way under every server. gunicorn's default trusts them from 127.0.0.1.
+forwarded_allow_ips = ""
+
 # gunicorn 27's control socket (~/.gunicorn/gunicorn.ctl) would be shared by every gunicorn
 # of the user; nothing here uses it.
 control_socket_disable = True

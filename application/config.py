@@ -60,6 +60,8 @@ class Config:
     log_format: str = "text"
     log_quiet_health: bool = False
     wsgi_threads: int = 32
+    max_body_size: int = 16 * 1024 * 1024
+    trusted_proxies: int = 0
     debug: bool = False
 
     @classmethod
@@ -74,6 +76,8 @@ class Config:
             log_format=_choice(environ, "LOG_FORMAT", LOG_FORMATS, "text"),
             log_quiet_health=_boolean(environ, "LOG_QUIET_HEALTH"),
             wsgi_threads=_integer(environ, "WSGI_THREADS", 32, 1, 1024),
+            max_body_size=_integer(environ, "MAX_BODY_SIZE", 16 * 1024 * 1024, 0, 1 << 40),
+            trusted_proxies=_integer(environ, "TRUSTED_PROXIES", 0, 0, 16),
             debug=_boolean(environ, "FLASK_DEBUG"),
         )
 

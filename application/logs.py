@@ -179,12 +179,24 @@ def bind_request_id(incoming: str | None) -> str:
 
 
 def log_request(
-    *, method: str, path: str, status: int, started: float, remote: str | None, quiet_health: bool
+    *,
+    method: str,
+    path: str,
+    status: int,
+    started: float,
+    remote: str | None,
+    quiet_health: bool,
+    complete: bool = True,
 ) -> None:
-    """The one access line per request; `started` is a `time.perf_counter()` reading."""
+    """The one access line per request; `started` is a `time.perf_counter()` reading.
+
+    `complete=False`: the body was cut short after the status went out (the client left,
+    or the app failed while streaming), which the line says with `incomplete=true`.
+    """
     if quiet_health and status < 400 and (path == "/health" or path.startswith("/health/")):
         return
     duration_ms = round((time.perf_counter() - started) * 1000, 1)
+    extra = {} if complete else {"incomplete": True}
     log.info(
         "request finished",
         method=method,
@@ -192,6 +204,7 @@ def log_request(
         status=status,
         duration_ms=duration_ms,
         remote=remote,
+        **extra,
     )
 
 

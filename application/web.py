@@ -1,17 +1,22 @@
-"""The Flask app: an index, the health routes, a request id and an access line for each request."""
+"""The Flask app: an index, the health routes, and the envelope every request travels in."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import json
+import logging
+import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from types import TracebackType
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, request
-from werkzeug.exceptions import HTTPException
+import structlog
+from flask import Blueprint, Flask, Response, abort, current_app, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import logs
 from .config import Config
@@ -19,8 +24,15 @@ from .health import HealthChecker, Report
 from .probes import probe_for
 
 HEALTH_METHODS = ["GET", "HEAD", "OPTIONS"]  # HAProxy's `option httpchk /health` sends OPTIONS
+STARTED = "application.started"  # environ key: when the server took the request (perf_counter)
+
+Environ = dict[str, Any]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+StartResponse = Callable[..., Callable[[bytes], object]]
+WsgiApp = Callable[[Environ, Any], Iterable[bytes]]  # Any: each server has its own start_response
 
 health = Blueprint("health", __name__)
+_log = logging.getLogger("application")  # Flask's own app.logger, for an app named "application"
 
 
 def create_app(config: Config, checker: HealthChecker | None = None) -> Flask:
@@ -33,12 +45,205 @@ def create_app(config: Config, checker: HealthChecker | None = None) -> Flask:
         timeout=config.health_timeout,
         cache_ttl=config.health_cache_ttl,
     )
-    app.before_request(_start_request)
-    app.after_request(_finish_request)
+    app.before_request(_refuse_oversized_body)
     app.register_error_handler(HTTPException, _error_as_json)
     app.register_blueprint(health)
     app.add_url_rule("/", "index", _index)
+    app.wsgi_app = Envelope(trust_proxies(app.wsgi_app, config.trusted_proxies), config)  # type: ignore[method-assign]
     return app
+
+
+def trust_proxies(app: WsgiApp, hops: int) -> WsgiApp:
+    """werkzeug's ProxyFix for `hops` proxies in front; with none, X-Forwarded-* change nothing."""
+    if hops == 0:
+        return app
+    return ProxyFix(app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops, x_prefix=hops)
+
+
+class Envelope:
+    """Around every request, under every server: the request id bound to every line logged
+    while it runs, and unbound after; `wsgi.errors` into the log; a body without a length
+    held to MAX_BODY_SIZE; a response that fails before its first byte made a JSON 500; and
+    one access line with the status the client got.
+    """
+
+    def __init__(self, app: WsgiApp, config: Config) -> None:
+        self.app = app
+        self.quiet_health = config.log_quiet_health
+        self.max_body_size = config.max_body_size
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        exchange = _Exchange(environ, start_response, self.quiet_health)
+        environ["wsgi.errors"] = ErrorStream()
+        if not environ.get("CONTENT_LENGTH"):
+            environ["wsgi.input"] = BodyLimit(environ["wsgi.input"], self.max_body_size)
+        iterable: Iterable[bytes] = ()
+        try:
+            iterable = self.app(environ, exchange.start_response)
+            rest = iter(iterable)
+            first = next((chunk for chunk in rest if chunk), None)
+            exchange.send_headers()  # only now: until the first byte, a failure can be a 500
+        except Exception:
+            _close(iterable)
+            _log.exception(
+                "Exception on %s [%s]", environ.get("PATH_INFO"), environ.get("REQUEST_METHOD")
+            )
+            return exchange.fail(sys.exc_info())  # type: ignore[arg-type]
+        except BaseException:
+            exchange.finish(complete=False)
+            raise
+        if first is None:
+            _close(iterable)
+            exchange.finish(complete=True)
+            return []
+        return _Body(first, rest, iterable, exchange)
+
+
+class _Exchange:
+    """One request on its way through: its id, and its status, passed to the server only with
+    the first byte of the body, so that a failure before it can still become a 500."""
+
+    def __init__(self, environ: Environ, start_response: StartResponse, quiet: bool) -> None:
+        self.environ = environ
+        self.started = environ.get(STARTED) or time.perf_counter()
+        self.request_id = logs.bind_request_id(environ.get("HTTP_X_REQUEST_ID"))
+        self.quiet_health = quiet
+        self.status = 0
+        self._server_start_response = start_response
+        self._response: tuple[str, list[tuple[str, str]]] | None = None
+        self._write: Callable[[bytes], object] | None = None  # the server's, once it was told
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        if self._write is not None:  # the server has the status: its rules apply
+            return self._server_start_response(status, headers, exc_info)
+        self._response = (status, [*headers, ("X-Request-ID", self.request_id)])
+        self.status = int(status[:3])
+        return self._legacy_write
+
+    def send_headers(self) -> Callable[[bytes], object]:
+        if self._write is None:
+            if self._response is None:
+                raise RuntimeError("the app returned without calling start_response")
+            self._write = self._server_start_response(*self._response)
+        return self._write
+
+    def fail(self, exc_info: ExcInfo) -> list[bytes]:
+        """The JSON 500 for a response that failed before its first byte."""
+        body = json.dumps({"error": "Internal Server Error", "status": 500}).encode()
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("X-Request-ID", self.request_id),
+        ]
+        self.status = 500
+        self._write = self._server_start_response("500 INTERNAL SERVER ERROR", headers, exc_info)
+        self.finish(complete=True)
+        return [body]
+
+    def finish(self, *, complete: bool) -> None:
+        logs.log_request(
+            method=self.environ.get("REQUEST_METHOD", ""),
+            path=self.environ.get("PATH_INFO", ""),
+            status=self.status or 500,
+            started=self.started,
+            remote=self.environ.get("REMOTE_ADDR"),
+            quiet_health=self.quiet_health,
+            complete=complete,
+        )
+        structlog.contextvars.clear_contextvars()
+
+    def _legacy_write(self, data: bytes) -> object:
+        """PEP 3333's `write`, for apps that push their body instead of returning it."""
+        return self.send_headers()(data)
+
+
+class BodyLimit:
+    """`wsgi.input` for a body without a Content-Length (chunked, HTTP/2): reading past
+    MAX_BODY_SIZE is a 413, where werkzeug's own limit would silently cut the body short."""
+
+    def __init__(self, stream: Any, limit: int) -> None:
+        self._stream = stream
+        self._left = limit
+
+    def read(self, size: int = -1) -> bytes:
+        return self._count(self._stream.read(self._capped(size)))
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._count(self._stream.readline(self._capped(size)))
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        return list(iter(self.readline, b""))
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.readline, b"")
+
+    def _capped(self, size: int) -> int:
+        """Never more than one byte past the limit: enough to know it was passed."""
+        return self._left + 1 if size < 0 or size > self._left + 1 else size
+
+    def _count(self, data: bytes) -> bytes:
+        self._left -= len(data)
+        if self._left < 0:
+            raise RequestEntityTooLarge()
+        return data
+
+
+class _Body:
+    """A streamed body: chunks pass through; closing it writes the access line."""
+
+    def __init__(
+        self, first: bytes, rest: Iterator[bytes], iterable: Iterable[bytes], exchange: _Exchange
+    ) -> None:
+        self._pending: bytes | None = first
+        self._rest = rest
+        self._iterable = iterable
+        self._exchange = exchange
+        self._complete = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._pending is not None:
+            chunk, self._pending = self._pending, None
+            return chunk
+        try:
+            return next(self._rest)
+        except StopIteration:
+            self._complete = True
+            raise
+
+    def close(self) -> None:
+        try:
+            _close(self._iterable)
+        finally:
+            self._exchange.finish(complete=self._complete)
+
+
+def _close(iterable: object) -> None:
+    if close := getattr(iterable, "close", None):
+        close()
+
+
+class ErrorStream:
+    """`wsgi.errors` as log lines, so what an app writes there keeps the format and escaping."""
+
+    _log = logging.getLogger("wsgi.errors")
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                self._log.error(line)
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        """Every write is already a log record."""
 
 
 _thread_loops = threading.local()
@@ -104,27 +309,19 @@ def is_verbose(value: str | None) -> bool:
     return (value or "").lower() in ("1", "true", "yes")
 
 
-def _start_request() -> None:
-    g.started = time.perf_counter()
-    g.request_id = logs.bind_request_id(request.headers.get("X-Request-ID"))
-
-
-def _finish_request(response: Response) -> Response:
-    response.headers["X-Request-ID"] = g.request_id
-    logs.log_request(
-        method=request.method,
-        path=request.path,
-        status=response.status_code,
-        started=g.started,
-        remote=request.remote_addr,
-        quiet_health=current_app.config["SERVICE"].log_quiet_health,
-    )
-    return response
+def _refuse_oversized_body() -> None:
+    """A declared length over MAX_BODY_SIZE is refused before anything reads the body
+    (a body without one is held to it as it is read: `BodyLimit`)."""
+    limit = current_app.config["SERVICE"].max_body_size
+    if request.content_length is not None and request.content_length > limit:
+        abort(413)
 
 
 def _error_as_json(error: HTTPException) -> Response:
     response = _json(error.code or 500, {"error": error.name, "status": error.code})
-    response.headers.extend((k, v) for k, v in error.get_headers() if k == "Allow")
+    response.headers.extend(
+        (name, value) for name, value in error.get_headers() if name.lower() != "content-type"
+    )
     return response
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -62,16 +62,16 @@ class Server:
     def get(self, path: str, **kwargs: object) -> httpx.Response:
         return httpx.get(self.url + path, timeout=10, **kwargs)  # type: ignore[arg-type]
 
-    def wait_for_line(self, text: str, timeout: float = 10) -> str:
-        """The first stdout line containing `text`, waiting for it to be printed."""
+    def wait_for_line(self, *texts: str, timeout: float = 10) -> str:
+        """The first stdout line containing every one of `texts`, waiting for it to be printed."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for line in list(self.lines):
-                if text in line:
+                if all(text in line for text in texts):
                     return line
             time.sleep(0.02)
         printed = "\n".join(self.lines)
-        raise AssertionError(f"no line with {text!r} in {self.mode} stdout:\n{printed}")
+        raise AssertionError(f"no line with {texts!r} in {self.mode} stdout:\n{printed}")
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM, then the exit code once it has drained."""
@@ -94,11 +94,13 @@ def start(
     module: str = "application",
     ready: str = "/health/live",
     timeout: float = 20,
+    args: Sequence[str] = (),
 ) -> Server:
-    """Start a server in `mode` on a free port and wait until `ready` answers."""
+    """Start a server in `mode` on a free port and wait until `ready` answers; `args` go on
+    the command line before the app."""
     port = free_port()
-    command = [part.format(port=port, module=module) for part in MODES[mode]]
-    command[0] = str(BIN / command[0])
+    *command, app = [part.format(port=port, module=module) for part in MODES[mode]]
+    command = [str(BIN / command[0]), *command[1:], *args, app]
     full_env = {
         "PATH": os.environ["PATH"],
         "COMMIT_SHA": "test-commit",

@@ -20,13 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 LOG_LINE = r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} \[(DEBUG|INFO|WARNING|ERROR|CRITICAL)\] "
 
-# How each serving mode is started; {port} is filled in.
+# How each serving mode is started; {port} is filled in. (hypercorn serving `app` through
+# its own WSGI wrapper is not a supported mode: README, "Serving".)
 MODES: dict[str, list[str]] = {
     "hypercorn-asgi": [
         "hypercorn", "--config", "hypercorn.toml", "--bind", "127.0.0.1:{port}", "{module}:asgi_app"
-    ],
-    "hypercorn-wsgi": [
-        "hypercorn", "--config", "hypercorn.toml", "--bind", "127.0.0.1:{port}", "{module}:app"
     ],
     "gunicorn-gthread": [
         "gunicorn", "--bind", "127.0.0.1:{port}", "--workers", "1", "{module}:app"

@@ -152,6 +152,28 @@ def test_a_flood_past_the_pool_is_refused_and_health_still_answers(
     assert two_threads.get("/").status_code == 200
 
 
+def test_slow_bodies_hold_no_thread(two_threads: servers.Server) -> None:
+    """20 clients trickling small bodies a byte at a time: with 2 threads, `/` still answers,
+    because a body of up to 64 KiB is read before a thread is taken."""
+    head = build("POST", "/echo", length=100).replace(
+        b"Connection: close", b"Connection: keep-alive"
+    )
+    slow = [socket.create_connection(("127.0.0.1", two_threads.port)) for _ in range(20)]
+    try:
+        for client in slow:
+            client.sendall(head + b"x")
+        for _ in range(3):
+            time.sleep(0.2)
+            for client in slow:
+                client.sendall(b"x")
+        started = time.perf_counter()
+        assert two_threads.get("/").status_code == 200
+        assert time.perf_counter() - started < 2  # behind 20 held threads it would never come
+    finally:
+        for client in slow:
+            client.close()
+
+
 def test_a_request_whose_client_left_while_waiting_is_not_run(
     two_threads: servers.Server, tmp_path: Path
 ) -> None:
@@ -195,9 +217,7 @@ def test_the_access_line_counts_the_wait_for_a_thread(tmp_path: Path) -> None:
 
 def test_a_stream_cut_by_a_failure_is_logged_as_incomplete(hypercorn: servers.Server) -> None:
     """The status went out as 200 and the body was cut: the access line says so."""
-    answer = rawhttp.request(
-        hypercorn.port, build("GET", "/boom-stream", request_id="cut")
-    )
+    answer = rawhttp.request(hypercorn.port, build("GET", "/boom-stream", request_id="cut"))
     assert (answer.status, answer.complete) == (200, False)
     line = hypercorn.wait_for_line("request finished", "request_id=cut")
     assert "status=200" in line and "incomplete=true" in line

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import socket
 import ssl
 from typing import Protocol
@@ -15,6 +16,9 @@ import asyncpg
 from .config import Datastore
 
 _RESP_AUTH_ERRORS = (b"-WRONGPASS", b"-NOAUTH", b"-ERR invalid password", b"-ERR AUTH")
+
+
+_from_parents: list[asyncpg.Pool] = []
 
 
 class AuthenticationFailed(Exception):
@@ -53,9 +57,11 @@ class PostgresProbe:
         self._url = datastore.url
         self._timeout = timeout
         self._pool: asyncpg.Pool | None = None
+        self._pool_pid = 0
 
     async def ping(self) -> None:
-        pool = self._pool or await self._create_pool()
+        pool = self._pool if self._pool_pid == os.getpid() else None
+        pool = pool or await self._create_pool()
         if pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size():
             raise PoolExhausted
         connection = await pool.acquire()
@@ -79,6 +85,14 @@ class PostgresProbe:
                 pool.terminate()
 
     async def _create_pool(self) -> asyncpg.Pool:
+        """A pool for this process: one made before a fork is the parent's, its sockets too.
+
+        The parent's stays referenced, never used or closed, so that nothing of it is
+        finalized here (a closed socket is harmless; a Terminate message is not).
+        """
+        if self._pool is not None:
+            _from_parents.append(self._pool)
+        self._pool_pid = os.getpid()
         self._pool = await asyncpg.create_pool(
             self._url,
             min_size=0,  # lazy: no connection until the first probe

@@ -97,13 +97,13 @@ class HealthChecker:
         _checkers.add(self)
 
     def report(self) -> Future[Report]:
-        """The round in flight, a fresh enough finished one, or a new one; once closed, the
-        closing answer."""
+        """The round in flight, a fresh enough finished one, or a new one (closed: the last)."""
         with self._lock:
-            current = self._round
-            if not self._closed and (
-                current is None
-                or (current.done() and time.monotonic() - self._finished_at >= self.cache_ttl)
+            current = self._round  # never None once closed
+            if current is None or (
+                not self._closed
+                and current.done()
+                and time.monotonic() - self._finished_at >= self.cache_ttl
             ):
                 current = self._round = self._start_round()
             return current

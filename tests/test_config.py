@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import trustme
 
-from application.config import Config, ConfigError, Datastore, redact
+from application.config import Config, ConfigError, Datastore, redact, tls_context
 
 CANARY = "s3cr3t-pw"  # a fake password, distinctive so that no leak can hide
 
@@ -208,3 +211,77 @@ def test_datastore_never_shows_the_password(url):
 def test_redact(url, redacted):
     """redact() leaves `scheme://host:port/path`, or a placeholder for a URL it cannot parse."""
     assert redact(url) == redacted
+
+
+@pytest.fixture(scope="module")
+def ca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA certificate in PEM, as a private CA's bundle would be."""
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return path
+
+
+def test_rediss_tls_parameters_are_accepted(ca_file: Path):
+    """redis-py's TLS parameters, and any other parameter left to the app's client."""
+    url = (
+        f"rediss://:{CANARY}@cache:6380/0?ssl_ca_certs={ca_file}&ssl_cert_reqs=required"
+        f"&ssl_check_hostname=false&ssl_ca_path={ca_file.parent}&socket_timeout=5"
+    )
+    assert Config.from_environ({"DATASTORE_URLS": f"cache={url}"}).datastores[0].url == url
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("", (ssl.CERT_REQUIRED, True)),
+        ("?ssl_cert_reqs=none", (ssl.CERT_NONE, False)),
+        ("?ssl_cert_reqs=Optional", (ssl.CERT_OPTIONAL, True)),
+        ("?ssl_check_hostname=no", (ssl.CERT_REQUIRED, False)),
+        ("?ssl_cert_reqs=required&ssl_check_hostname=1", (ssl.CERT_REQUIRED, True)),
+    ],
+)
+def test_tls_context_follows_the_parameters(query: str, expected: tuple[ssl.VerifyMode, bool]):
+    """Certificates required and host names checked by default; each can be relaxed."""
+    context = tls_context(f"rediss://cache{query}")
+    assert (context.verify_mode, context.check_hostname) == expected
+
+
+def test_tls_context_adds_the_given_ca_to_the_system_ones(ca_file: Path):
+    """ssl_ca_certs adds its CA, as redis-py does: one more CA than the default context."""
+    default = len(ssl.create_default_context().get_ca_certs())
+    given = tls_context(f"rediss://cache?ssl_ca_certs={ca_file}").get_ca_certs()
+    assert len(given) == default + 1
+
+
+def bad_tls(case: str, query: str, named: str, scheme: str = "rediss") -> object:
+    """A rediss:// URL whose TLS parameters are wrong, and the parameter its message names."""
+    url = f"{scheme}://:{CANARY}@cache:6380/0?{query}"
+    return pytest.param({"DATASTORE_URLS": f"cache={url}"}, named, id=case)
+
+
+TLS_ERRORS = [
+    bad_tls("unknown", "ssl_ca_cert=/x.pem", "'ssl_ca_cert'"),
+    bad_tls("cert-reqs", f"ssl_cert_reqs={CANARY}", "ssl_cert_reqs"),
+    bad_tls("check-hostname", f"ssl_check_hostname={CANARY}", "ssl_check_hostname"),
+    bad_tls("contradiction", "ssl_cert_reqs=none&ssl_check_hostname=true", "ssl_check_hostname"),
+    bad_tls("missing-ca", f"ssl_ca_certs=/nonexistent/{CANARY}.pem", "ssl_ca_certs"),
+    bad_tls("not-pem", "ssl_ca_certs=/etc/hostname", "ssl_ca_certs"),
+    bad_tls("ca-path", f"ssl_ca_path=/nonexistent/{CANARY}", "ssl_ca_path"),
+    bad_tls("missing-cert", f"ssl_certfile=/nonexistent/{CANARY}.pem", "ssl_certfile"),
+    bad_tls("key-alone", "ssl_keyfile=/etc/hostname", "ssl_keyfile"),
+    bad_tls("twice", "ssl_cert_reqs=none&ssl_cert_reqs=required", "ssl_cert_reqs"),
+    bad_tls("without-tls", "ssl_cert_reqs=none", "rediss://", scheme="redis"),
+]
+
+
+@pytest.mark.parametrize(("environ", "named"), TLS_ERRORS)
+def test_bad_tls_parameter_is_one_safe_line_naming_it(environ, named):
+    """A bad TLS parameter stops start-up: variable, entry and parameter named, no value."""
+    with pytest.raises(ConfigError) as raised:
+        Config.from_environ(environ)
+    message = str(raised.value)
+    assert message.startswith("DATASTORE_URLS: entry 'cache': ")
+    assert named in message
+    assert CANARY not in message
+    assert "/nonexistent" not in message
+    assert len(message.splitlines()) == 1

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -14,12 +15,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from application.config import Datastore
 from application.health import WAIT_GRACE, HealthChecker, Report
 from application.probes import probe_for
-from tests.conftest import runs_under, through
+from tests.conftest import proxy_to, runs_under, through
 from tests.faultproxy import FaultProxy
 from tests.pgcluster import free_port
 from tests.servers import ROOT
@@ -398,3 +400,40 @@ def test_the_interpreter_exits_cleanly_after_a_round_is_closed(
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout.splitlines()[-1] == "database: shutting down"
     assert "Task was destroyed" not in done.stdout
+
+
+def test_the_round_deadline_ends_a_redis_probe_that_has_none(make_checker: MakeChecker, redis_url):
+    """A Redis behind a blackhole through HealthChecker(timeout=0.5): timed out in < 0.75 s."""
+    with proxy_to(redis_url) as proxy:
+        proxy.set_mode("blackhole")
+        checker = make_checker({"cache": f"redis://127.0.0.1:{proxy.port}"}, timeout=0.5)
+        with runs_under(0.75):
+            report = checker.report().result(WAIT)
+    assert report.status == "cache: timed out after 0.5 s"
+
+
+def test_the_round_deadline_ends_a_query_already_running(make_checker: MakeChecker, pg_cluster):
+    """A server hung mid-session (its backend stopped): past connect, only the round ends it."""
+    checker = make_checker({"database": pg_cluster.dsn()}, timeout=0.5)
+    assert checker.report().result(WAIT).healthy
+    backend = asyncio.run(_probe_backend(pg_cluster))
+    os.kill(backend, signal.SIGSTOP)
+    try:
+        with runs_under(0.75):
+            report = checker.report().result(WAIT)
+    finally:
+        os.kill(backend, signal.SIGCONT)
+    assert report.status == "database: timed out after 0.5 s"
+
+
+async def _probe_backend(cluster) -> int:
+    """The server pid of the probe's pooled connection, found by its application_name."""
+    connection = await asyncpg.connect(cluster.superuser_dsn())
+    try:
+        pids = await connection.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'health-probe'"
+        )
+    finally:
+        await connection.close()
+    assert len(pids) == 1
+    return int(pids[0]["pid"])

@@ -65,6 +65,12 @@ def test_database_url_becomes_the_database_datastore():
     )
 
 
+@pytest.mark.parametrize("url", ["postgresql:///app", "postgres://", "postgresql:///app?host=/tmp"])
+def test_a_postgres_url_without_a_host_is_libpqs_default(url):
+    """No host and no credentials: the local socket, as libpq and asyncpg have it."""
+    assert Config.from_environ({"DATABASE_URL": url}).datastores == (Datastore("database", url),)
+
+
 SCHEMES = [
     "postgres://db/a",
     "postgresql://db:5433/a",
@@ -138,6 +144,30 @@ ERRORS = [
         *("DATASTORE_URLS", "9db="),
     ),
     *[
+        bad(f"malformed-{case}", {"DATABASE_URL": url}, "DATABASE_URL", "malformed URL")
+        for case, url in [
+            ("one-slash", f"postgresql:/app:{CANARY}@db.internal:5432/app"),
+            ("no-slash", f"postgresql:app:{CANARY}@db.internal/app"),
+            ("no-host-after-credentials", f"postgresql://app:{CANARY}@/app"),
+            ("no-host-before-port", f"postgresql://app:{CANARY}@:5432/app"),
+            ("two-at-signs", f"postgresql://app:pa@{CANARY}@db/app"),
+            ("at-in-query", f"postgresql://db/app?password=pa@{CANARY}"),
+            ("space", f"postgresql://app:pa {CANARY}@db/app"),
+            ("newline", f"postgresql://app:{CANARY}@db/app\nx"),
+            ("nul", f"postgresql://app:{CANARY}\x00@db/app"),
+        ]
+    ],
+    *[
+        bad(f"malformed-{case}", {"DATASTORE_URLS": f"x={url}"}, "'x'", "malformed URL")
+        for case, url in [
+            ("redis-one-slash", f"redis:/:{CANARY}@cache"),
+            ("rediss-no-slash", f"rediss::{CANARY}@cache:6380"),
+            ("tcp-no-slash", f"tcp:u:{CANARY}@q:1"),
+            ("redis-no-host", f"redis://:{CANARY}@:6379"),
+            ("tcp-at-in-path", f"tcp://u:{CANARY}@q:1/x@y"),
+        ]
+    ],
+    *[
         bad(f"timeout-{raw}", {"HEALTH_TIMEOUT": raw}, "HEALTH_TIMEOUT", repr(raw))
         for raw in ["abc", "0", "-1", "inf", "nan", "1e999", "1\n2"]
     ],
@@ -187,6 +217,8 @@ def test_datastore_target_is_the_url_without_credentials(url, target):
     [
         *(url for url, _ in TARGETS),
         f"postgres://app:1234/{CANARY}@db/app",
+        f"postgresql:/app:{CANARY}@db.internal:5432/app",
+        f"postgresql://app:pa@{CANARY}@db/app",
     ],
 )
 def test_datastore_never_shows_the_password(url):

@@ -12,7 +12,8 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from .config import Datastore, tls_context
+from .config import Datastore
+from .tls import tls_context
 
 _REPLY_LIMIT = 512  # bytes: far more than any reply to AUTH or PING
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import trustme
 
-from application.config import Config, ConfigError, Datastore, redact, tls_context
+from application.config import Config, ConfigError, Datastore, redact
 
 CANARY = "s3cr3t-pw"  # a fake password, distinctive so that no leak can hide
 
@@ -245,14 +243,6 @@ def test_redact(url, redacted):
     assert redact(url) == redacted
 
 
-@pytest.fixture(scope="module")
-def ca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA certificate in PEM, as a private CA's bundle would be."""
-    path = tmp_path_factory.mktemp("ca") / "ca.pem"
-    trustme.CA().cert_pem.write_to_path(str(path))
-    return path
-
-
 def test_rediss_tls_parameters_are_accepted(ca_file: Path):
     """redis-py's TLS parameters, and any other parameter left to the app's client."""
     url = (
@@ -260,29 +250,6 @@ def test_rediss_tls_parameters_are_accepted(ca_file: Path):
         f"&ssl_check_hostname=false&ssl_ca_path={ca_file.parent}&socket_timeout=5"
     )
     assert Config.from_environ({"DATASTORE_URLS": f"cache={url}"}).datastores[0].url == url
-
-
-@pytest.mark.parametrize(
-    ("query", "expected"),
-    [
-        ("", (ssl.CERT_REQUIRED, True)),
-        ("?ssl_cert_reqs=none", (ssl.CERT_NONE, False)),
-        ("?ssl_cert_reqs=Optional", (ssl.CERT_OPTIONAL, True)),
-        ("?ssl_check_hostname=no", (ssl.CERT_REQUIRED, False)),
-        ("?ssl_cert_reqs=required&ssl_check_hostname=1", (ssl.CERT_REQUIRED, True)),
-    ],
-)
-def test_tls_context_follows_the_parameters(query: str, expected: tuple[ssl.VerifyMode, bool]):
-    """Certificates required and host names checked by default; each can be relaxed."""
-    context = tls_context(f"rediss://cache{query}")
-    assert (context.verify_mode, context.check_hostname) == expected
-
-
-def test_tls_context_adds_the_given_ca_to_the_system_ones(ca_file: Path):
-    """ssl_ca_certs adds its CA, as redis-py does: one more CA than the default context."""
-    default = len(ssl.create_default_context().get_ca_certs())
-    given = tls_context(f"rediss://cache?ssl_ca_certs={ca_file}").get_ca_certs()
-    assert len(given) == default + 1
 
 
 def bad_tls(case: str, query: str, named: str, scheme: str = "rediss") -> object:

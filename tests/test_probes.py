@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import os
@@ -476,3 +477,13 @@ async def test_rediss_probe_builds_its_tls_context_once(tls_redis, tls, monkeypa
     for _ in range(5):
         await probe.ping()
     assert built == []
+
+
+@pytest.mark.parametrize("module", ["probes", "health", "tls", "config"])
+def test_probe_code_imports_no_flask(module: str):
+    """The probes, the rounds and their settings know nothing of Flask (the blueprint renders)."""
+    tree = ast.parse((servers.ROOT / "application" / f"{module}.py").read_text())
+    nodes = list(ast.walk(tree))
+    imported = {a.name for node in nodes if isinstance(node, ast.Import) for a in node.names}
+    imported |= {node.module or "" for node in nodes if isinstance(node, ast.ImportFrom)}
+    assert not {name for name in imported if name.split(".")[0] == "flask"}

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit
 
+from .tls import tls_context, tls_parameters
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 SCHEMES = ("postgres", "postgresql", "redis", "rediss", "tcp")
@@ -86,8 +88,8 @@ def redact(url: str) -> str:
     """`scheme://host:port/path` with user, password and query left out."""
     try:
         parts = urlsplit(url)
-        if "@" in url.partition("://")[2] and "@" not in parts.netloc:
-            return "<malformed URL>"  # an unencoded / ? or # in the password split the URL early
+        if _misplaced_credentials(url, parts):
+            return "<malformed URL>"
         netloc = parts.hostname or ""
         if ":" in netloc:
             netloc = f"[{netloc}]"
@@ -188,22 +190,49 @@ def _datastores(environ: Mapping[str, str]) -> tuple[Datastore, ...]:
 
 
 def _check_url(where: str, url: str, *, postgres_only: bool) -> None:
+    """Refuse any URL whose credentials might not land in its user-info part.
+
+    asyncpg splits user-info at the first `@`, urllib at the last, and a URL without `//`
+    has none: a password could then reach a server as a database or host name, and its
+    error message a log line.
+    """
     allowed = ("postgres", "postgresql") if postgres_only else SCHEMES
+    if not url.isprintable() or any(character.isspace() for character in url):
+        raise ConfigError(f"{where}: malformed URL (whitespace or control characters)")
     try:
         parts: SplitResult = urlsplit(url)
         port = parts.port
     except ValueError:
         raise ConfigError(f"{where}: not a valid URL ({redact(url)})") from None
-    if "@" in url.partition("://")[2] and "@" not in parts.netloc:
-        raise ConfigError(f"{where}: malformed URL (percent-encode / ? # @ in the password)")
     if parts.scheme not in allowed:
         raise ConfigError(
             f"{where}: unknown scheme {parts.scheme!r} (expected {', '.join(allowed)})"
         )
+    if not url.partition(":")[2].startswith("//"):
+        raise ConfigError(
+            f"{where}: malformed URL (expected {parts.scheme}://[user[:password]@]host[:port]...)"
+        )
+    if _misplaced_credentials(url, parts):
+        raise ConfigError(f"{where}: malformed URL (percent-encode / ? # @ in the password)")
+    if ("@" in parts.netloc or port is not None) and not parts.hostname:
+        raise ConfigError(f"{where}: malformed URL (no host before the port or after the @)")
     if parts.scheme == "tcp" and (not parts.hostname or port is None):
         raise ConfigError(f"{where}: expected tcp://host:port")
     if parts.scheme.startswith("redis") and not parts.hostname:
         raise ConfigError(f"{where}: expected {parts.scheme}://host[:port]")
+    if parts.scheme.startswith("redis"):
+        try:
+            if parts.scheme == "rediss":
+                tls_context(url)
+            elif tls_parameters(url):
+                raise ValueError("ssl_* parameters need rediss://")
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from None
+
+
+def _misplaced_credentials(url: str, parts: SplitResult) -> bool:
+    """An `@` outside the user-info part, or two: an unencoded / ? # or @ in the password."""
+    return url.count("@") > 1 or ("@" in url and "@" not in parts.netloc)
 
 
 def _redact_entry(entry: str) -> str:

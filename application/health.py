@@ -9,12 +9,14 @@ Flask gives each async view under a WSGI server. Callers from any thread or loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 import structlog
@@ -22,6 +24,8 @@ import structlog
 from .probes import Probe, describe
 
 log = structlog.get_logger()
+
+WAIT_GRACE = 1.0  # seconds a waiter gives a round past its deadline before answering itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,75 +74,113 @@ class Report:
 
 
 class HealthChecker:
-    """Runs probe rounds: one in flight per process, a finished one reused for `cache_ttl` s."""
+    """Runs probe rounds: one in flight per process, a finished one reused for `cache_ttl` s.
+
+    A round belongs to the process and the loop that started it. Whoever waits on it only
+    reads it: a caller cancelled or timed out while waiting leaves it running for the others,
+    `close()` answers everyone still waiting, and a forked child starts afresh.
+    """
+
+    _lock: threading.Lock
+    _round: Future[Report] | None
+    _finished_at: float
+    _loop: asyncio.AbstractEventLoop | None
+    _thread: threading.Thread | None
+    _closed: bool
 
     def __init__(self, probes: Sequence[Probe], timeout: float, cache_ttl: float) -> None:
         self.probes = tuple(probes)
         self.timeout = timeout
         self.cache_ttl = cache_ttl
-        self._lock = threading.Lock()
-        self._round: Future[Report] | None = None
-        self._finished_at = 0.0
         self._healthy = {probe.name: True for probe in self.probes}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_pid = 0
-        self._thread: threading.Thread | None = None
+        self._start_afresh()
+        _checkers.add(self)
 
     def report(self) -> Future[Report]:
-        """The round in flight, a fresh enough finished one, or a new one."""
+        """The round in flight, a fresh enough finished one, or a new one (closed: the last)."""
         with self._lock:
-            current = self._round
+            current = self._round  # never None once closed
             if current is None or (
-                current.done() and time.monotonic() - self._finished_at >= self.cache_ttl
+                not self._closed
+                and current.done()
+                and time.monotonic() - self._finished_at >= self.cache_ttl
             ):
                 current = self._round = self._start_round()
             return current
 
     async def wait(self) -> Report:
-        """The current report, awaited from whichever event loop the caller runs on."""
+        """The current report, from any loop, by the round's deadline and a grace at most.
+
+        The caller's cancellation stays the caller's: it never reaches the shared round.
+        """
+        started = time.perf_counter()
         current = self.report()
-        return current.result() if current.done() else await asyncio.wrap_future(current)
+        if not current.done():
+            loop = asyncio.get_running_loop()
+            answered = loop.create_future()
+            current.add_done_callback(lambda _: _wake(loop, answered))
+            try:
+                async with asyncio.timeout(self.timeout + WAIT_GRACE):
+                    await answered
+            except TimeoutError:
+                return self._unanswered(f"timed out after {self.timeout:g} s", started)
+        return current.result()
 
     def close(self, timeout: float = 2.0) -> None:
-        """Close the probes' connections and stop the loop; safe to call more than once."""
+        """Answer every waiter, end the round in flight, close the probes and stop the loop.
+
+        Reports asked for afterwards say each datastore is shutting down, at once; safe to
+        call more than once.
+        """
         with self._lock:
-            loop, self._loop = self._loop, None
-            if loop is None or self._loop_pid != os.getpid():
+            if self._closed:
                 return
-        closing = asyncio.run_coroutine_threadsafe(self._close_probes(), loop)
-        try:
+            self._closed = True
+            loop, thread, self._loop = self._loop, self._thread, None
+            pending, self._round = self._round, _finished(self._unanswered("shutting down"))
+        if pending is not None:
+            _settle(pending, self._round.result())
+        if loop is None:
+            return
+        closing = asyncio.run_coroutine_threadsafe(self._shut_down(), loop)
+        with contextlib.suppress(TimeoutError):
             closing.result(timeout)
-        except TimeoutError:
-            closing.cancel()
         loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if thread is not None:
+            thread.join(timeout)
+
+    def _start_afresh(self) -> None:
+        """No round, loop or thread yet; also what a forked child starts from."""
+        self._lock = threading.Lock()
+        self._round = None
+        self._finished_at = 0.0
+        self._loop = None
+        self._thread = None
+        self._closed = False
 
     def _start_round(self) -> Future[Report]:
         if not self.probes:
-            done: Future[Report] = Future()
-            done.set_result(Report())
-            return done
-        return asyncio.run_coroutine_threadsafe(self._run_round(), self._probe_loop())
+            return _finished(Report())
+        shared: Future[Report] = Future()
+        asyncio.run_coroutine_threadsafe(self._run_round(shared), self._probe_loop())
+        return shared
 
     def _probe_loop(self) -> asyncio.AbstractEventLoop:
         """This process's probe loop, started on first use (after any fork, never before)."""
-        if self._loop is None or self._loop_pid != os.getpid():
+        if self._loop is None:
             self._loop = asyncio.new_event_loop()
-            self._loop_pid = os.getpid()
             self._thread = threading.Thread(
                 target=_serve, args=(self._loop,), name="health-probes", daemon=True
             )
             self._thread.start()
         return self._loop
 
-    async def _run_round(self) -> Report:
+    async def _run_round(self, shared: Future[Report]) -> None:
         deadline = asyncio.get_running_loop().time() + self.timeout
         checks = await asyncio.gather(*(self._check(probe, deadline) for probe in self.probes))
         self._log_transitions(checks)
-        report = Report(tuple(checks))
         self._finished_at = time.monotonic()
-        return report
+        _settle(shared, Report(tuple(checks)))
 
     async def _check(self, probe: Probe, deadline: float) -> Check:
         started = time.perf_counter()
@@ -159,6 +201,11 @@ class HealthChecker:
             return Check(probe.name, False, _since(started), reason)
         return Check(probe.name, True, _since(started))
 
+    def _unanswered(self, reason: str, started: float | None = None) -> Report:
+        """Every datastore failed for `reason`: the answer when the round gave none."""
+        duration_ms = 0.0 if started is None else _since(started)
+        return Report(tuple(Check(p.name, False, duration_ms, reason) for p in self.probes))
+
     def _log_transitions(self, checks: Sequence[Check]) -> None:
         for check in checks:
             if check.ok != self._healthy[check.name]:
@@ -168,8 +215,57 @@ class HealthChecker:
                 else:
                     log.warning("datastore unhealthy", datastore=check.name, reason=check.error)
 
-    async def _close_probes(self) -> None:
+    async def _shut_down(self) -> None:
+        """What `asyncio.run` does before it closes its loop: nothing is left pending.
+
+        A task destroyed pending at interpreter exit is logged while the codecs are gone.
+        """
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
         await asyncio.gather(*(probe.close() for probe in self.probes), return_exceptions=True)
+        await asyncio.get_running_loop().shutdown_asyncgens()
+
+
+_checkers: weakref.WeakSet[HealthChecker] = weakref.WeakSet()
+_from_parents: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has the parent's rounds and loop but not the thread that ran them.
+
+    They are kept, never touched: their sockets are the parent's. As `logging` does for
+    its locks, every checker is reset through a weak set.
+    """
+    for checker in list(_checkers):
+        _from_parents.append((checker._loop, checker._round))
+        checker._start_afresh()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _finished(report: Report) -> Future[Report]:
+    done: Future[Report] = Future()
+    done.set_result(report)
+    return done
+
+
+def _settle(shared: Future[Report], report: Report) -> None:
+    """The first answer wins: the round's, or the one `close()` gives."""
+    with contextlib.suppress(InvalidStateError):
+        shared.set_result(report)
+
+
+def _wake(loop: asyncio.AbstractEventLoop, answered: asyncio.Future[None]) -> None:
+    with contextlib.suppress(RuntimeError):  # the waiter's loop is closed: nobody waits
+        loop.call_soon_threadsafe(_set_once, answered)
+
+
+def _set_once(answered: asyncio.Future[None]) -> None:
+    if not answered.done():  # a waiter cancelled meanwhile
+        answered.set_result(None)
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:

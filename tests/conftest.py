@@ -6,9 +6,11 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import trustme
 
 from tests.faultproxy import FaultProxy
 from tests.pgcluster import PgCluster
@@ -64,3 +66,11 @@ def pg_cluster() -> Iterator[PgCluster]:
     """A PostgreSQL the tests own: password authentication, and restartable."""
     with PgCluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def ca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA certificate in PEM, as a private CA's bundle would be."""
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return path

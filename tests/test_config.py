@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +61,12 @@ def test_database_url_becomes_the_database_datastore():
         Datastore("database", "postgres://db/app"),
         Datastore("cache", "redis://cache"),
     )
+
+
+@pytest.mark.parametrize("url", ["postgresql:///app", "postgres://", "postgresql:///app?host=/tmp"])
+def test_a_postgres_url_without_a_host_is_libpqs_default(url):
+    """No host and no credentials: the local socket, as libpq and asyncpg have it."""
+    assert Config.from_environ({"DATABASE_URL": url}).datastores == (Datastore("database", url),)
 
 
 SCHEMES = [
@@ -135,6 +142,30 @@ ERRORS = [
         *("DATASTORE_URLS", "9db="),
     ),
     *[
+        bad(f"malformed-{case}", {"DATABASE_URL": url}, "DATABASE_URL", "malformed URL")
+        for case, url in [
+            ("one-slash", f"postgresql:/app:{CANARY}@db.internal:5432/app"),
+            ("no-slash", f"postgresql:app:{CANARY}@db.internal/app"),
+            ("no-host-after-credentials", f"postgresql://app:{CANARY}@/app"),
+            ("no-host-before-port", f"postgresql://app:{CANARY}@:5432/app"),
+            ("two-at-signs", f"postgresql://app:pa@{CANARY}@db/app"),
+            ("at-in-query", f"postgresql://db/app?password=pa@{CANARY}"),
+            ("space", f"postgresql://app:pa {CANARY}@db/app"),
+            ("newline", f"postgresql://app:{CANARY}@db/app\nx"),
+            ("nul", f"postgresql://app:{CANARY}\x00@db/app"),
+        ]
+    ],
+    *[
+        bad(f"malformed-{case}", {"DATASTORE_URLS": f"x={url}"}, "'x'", "malformed URL")
+        for case, url in [
+            ("redis-one-slash", f"redis:/:{CANARY}@cache"),
+            ("rediss-no-slash", f"rediss::{CANARY}@cache:6380"),
+            ("tcp-no-slash", f"tcp:u:{CANARY}@q:1"),
+            ("redis-no-host", f"redis://:{CANARY}@:6379"),
+            ("tcp-at-in-path", f"tcp://u:{CANARY}@q:1/x@y"),
+        ]
+    ],
+    *[
         bad(f"timeout-{raw}", {"HEALTH_TIMEOUT": raw}, "HEALTH_TIMEOUT", repr(raw))
         for raw in ["abc", "0", "-1", "inf", "nan", "1e999", "1\n2"]
     ],
@@ -184,6 +215,8 @@ def test_datastore_target_is_the_url_without_credentials(url, target):
     [
         *(url for url, _ in TARGETS),
         f"postgres://app:1234/{CANARY}@db/app",
+        f"postgresql:/app:{CANARY}@db.internal:5432/app",
+        f"postgresql://app:pa@{CANARY}@db/app",
     ],
 )
 def test_datastore_never_shows_the_password(url):
@@ -208,3 +241,46 @@ def test_datastore_never_shows_the_password(url):
 def test_redact(url, redacted):
     """redact() leaves `scheme://host:port/path`, or a placeholder for a URL it cannot parse."""
     assert redact(url) == redacted
+
+
+def test_rediss_tls_parameters_are_accepted(ca_file: Path):
+    """redis-py's TLS parameters, and any other parameter left to the app's client."""
+    url = (
+        f"rediss://:{CANARY}@cache:6380/0?ssl_ca_certs={ca_file}&ssl_cert_reqs=required"
+        f"&ssl_check_hostname=false&ssl_ca_path={ca_file.parent}&socket_timeout=5"
+    )
+    assert Config.from_environ({"DATASTORE_URLS": f"cache={url}"}).datastores[0].url == url
+
+
+def bad_tls(case: str, query: str, named: str, scheme: str = "rediss") -> object:
+    """A rediss:// URL whose TLS parameters are wrong, and the parameter its message names."""
+    url = f"{scheme}://:{CANARY}@cache:6380/0?{query}"
+    return pytest.param({"DATASTORE_URLS": f"cache={url}"}, named, id=case)
+
+
+TLS_ERRORS = [
+    bad_tls("unknown", "ssl_ca_cert=/x.pem", "'ssl_ca_cert'"),
+    bad_tls("cert-reqs", f"ssl_cert_reqs={CANARY}", "ssl_cert_reqs"),
+    bad_tls("check-hostname", f"ssl_check_hostname={CANARY}", "ssl_check_hostname"),
+    bad_tls("contradiction", "ssl_cert_reqs=none&ssl_check_hostname=true", "ssl_check_hostname"),
+    bad_tls("missing-ca", f"ssl_ca_certs=/nonexistent/{CANARY}.pem", "ssl_ca_certs"),
+    bad_tls("not-pem", "ssl_ca_certs=/etc/hostname", "ssl_ca_certs"),
+    bad_tls("ca-path", f"ssl_ca_path=/nonexistent/{CANARY}", "ssl_ca_path"),
+    bad_tls("missing-cert", f"ssl_certfile=/nonexistent/{CANARY}.pem", "ssl_certfile"),
+    bad_tls("key-alone", "ssl_keyfile=/etc/hostname", "ssl_keyfile"),
+    bad_tls("twice", "ssl_cert_reqs=none&ssl_cert_reqs=required", "ssl_cert_reqs"),
+    bad_tls("without-tls", "ssl_cert_reqs=none", "rediss://", scheme="redis"),
+]
+
+
+@pytest.mark.parametrize(("environ", "named"), TLS_ERRORS)
+def test_bad_tls_parameter_is_one_safe_line_naming_it(environ, named):
+    """A bad TLS parameter stops start-up: variable, entry and parameter named, no value."""
+    with pytest.raises(ConfigError) as raised:
+        Config.from_environ(environ)
+    message = str(raised.value)
+    assert message.startswith("DATASTORE_URLS: entry 'cache': ")
+    assert named in message
+    assert CANARY not in message
+    assert "/nonexistent" not in message
+    assert len(message.splitlines()) == 1

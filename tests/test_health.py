@@ -5,20 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from application.config import Datastore
-from application.health import HealthChecker, Report
+from application.health import WAIT_GRACE, HealthChecker, Report
 from application.probes import probe_for
-from tests.conftest import runs_under, through
+from tests.conftest import proxy_to, runs_under, through
 from tests.faultproxy import FaultProxy
 from tests.pgcluster import free_port
+from tests.servers import ROOT
 
 TIMEOUT = 0.5
 SLACK = 0.25  # what a deadline may overrun by: scheduling, not waiting
@@ -213,3 +219,221 @@ def test_close_stops_and_closes_the_probe_loop(make_checker: MakeChecker, databa
     checker.close()
     assert loop is not None
     assert loop.is_closed()
+
+
+class BlockingProbe:
+    """A datastore whose ping blocks the probe loop itself, so no deadline can end the round."""
+
+    name = "stuck"
+    target = "tcp://stuck.invalid:1"
+
+    async def ping(self) -> None:
+        time.sleep(3)  # noqa: ASYNC251 - the point: a round that overruns its deadline
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+
+async def test_a_cancelled_waiter_leaves_the_round_to_the_others(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy
+):
+    """A waiter timed out by its caller after 0.1 s; the patient one still gets the report."""
+    database_proxy.set_mode("delay", delay=0.3)
+    checker = make_checker(database, timeout=2.0)
+    impatient = asyncio.wait_for(checker.wait(), 0.1)
+    results = await asyncio.gather(impatient, checker.wait(), return_exceptions=True)
+    assert isinstance(results[0], TimeoutError)
+    assert isinstance(results[1], Report)
+    assert results[1].healthy
+
+
+async def test_close_answers_the_waiters_of_the_round_in_flight(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy
+):
+    """close() during a round: a future holder and an awaiting caller both get a report, now."""
+    database_proxy.set_mode("blackhole")
+    checker = make_checker(database, timeout=5.0)
+    pending = checker.report()
+    waiter = asyncio.create_task(checker.wait())
+    await asyncio.sleep(0)  # the waiter is now waiting on the round
+    with runs_under(2.0):
+        await asyncio.to_thread(checker.close)
+        report = await asyncio.wait_for(waiter, WAIT)
+    assert report.status == "database: shutting down"
+    assert pending.result(0).status == "database: shutting down"
+
+
+def test_reports_after_close_are_answered_at_once(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy
+):
+    """Once closed, report() is a finished future saying so, never a round that cannot end."""
+    database_proxy.set_mode("blackhole")
+    checker = make_checker(database, timeout=5.0)
+    checker.report()
+    checker.close()
+    later = checker.report()
+    assert later.done()
+    assert later.result(0).status == "database: shutting down"
+    assert asyncio.run(asyncio.wait_for(checker.wait(), WAIT)).http_status == 500
+
+
+def test_close_opens_no_connection_afterwards(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy
+):
+    """A closed checker never starts a round again, so it never reconnects (cache or no cache)."""
+    checker = make_checker(database, cache_ttl=0)
+    assert checker.report().result(WAIT).healthy
+    checker.close()
+    for _ in range(3):
+        checker.report().result(WAIT)
+    assert database_proxy.accepted == 1
+    assert database_proxy.wait_open(0, timeout=2)
+
+
+async def test_wait_answers_by_its_own_bound_when_the_round_overruns():
+    """A round stuck past its deadline: wait() answers by timeout + WAIT_GRACE, not after it."""
+    checker = HealthChecker([BlockingProbe()], timeout=TIMEOUT, cache_ttl=0)
+    try:
+        with runs_under(TIMEOUT + WAIT_GRACE + SLACK):
+            report = await checker.wait()
+        assert report.status == f"stuck: timed out after {TIMEOUT:g} s"
+    finally:
+        await asyncio.to_thread(checker.close, 5)
+
+
+def in_a_forked_child(check: Callable[[], str]) -> str:
+    """What `check` returns when run in a child forked from here (its error, if it raised)."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            answer = check()
+        except BaseException as error:
+            answer = f"{type(error).__name__}: {error}"
+        os.write(write_end, answer.encode())
+        os._exit(0)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            return pipe.read().decode()
+    finally:
+        os.waitpid(child, 0)
+
+
+FORK_IN_THREADS = "ignore:.*use of fork\\(\\) may lead to deadlocks:DeprecationWarning"
+
+
+@pytest.mark.filterwarnings(FORK_IN_THREADS)
+def test_a_child_forked_during_a_round_runs_its_own(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy
+):
+    """The parent's round is in flight at fork: the child's report() is its own, and answers."""
+    database_proxy.set_mode("delay", delay=0.5)
+    checker = make_checker(database, timeout=3.0)
+    in_flight = checker.report()
+
+    def child() -> str:
+        mine = checker.report()
+        return f"{mine is not in_flight} {mine.result(5).status}"
+
+    assert in_a_forked_child(child) == "True Healthy"
+    assert in_flight.result(WAIT).healthy
+
+
+@pytest.mark.filterwarnings(FORK_IN_THREADS)
+def test_a_child_forked_after_a_round_probes_on_its_own_connection(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy
+):
+    """The child neither reuses the parent's cached round nor its pooled connection."""
+    checker = make_checker(database, cache_ttl=60)
+    finished = checker.report()
+    assert finished.result(WAIT).healthy
+
+    def child() -> str:
+        mine = checker.report()
+        return f"{mine is not finished} {mine.result(5).status}"
+
+    assert in_a_forked_child(child) == "True Healthy"
+    assert database_proxy.accepted == 2
+    assert database_proxy.wait_open(1, timeout=2)
+    assert database_proxy.open == 1  # the parent's connection is still the parent's
+
+
+EXIT_SCRIPTS = {
+    "closed-mid-round": (
+        "import application\n"
+        "checker = application.app.extensions['health']\n"
+        "pending = checker.report()\n"
+        "checker.close()\n"
+        "print(pending.result(5).status)\n"
+    ),
+    "exit-mid-round": (  # the atexit hook closes it
+        "import application\n"
+        "application.app.extensions['health'].report()\n"
+        "print('database: shutting down')\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("script", list(EXIT_SCRIPTS))
+def test_the_interpreter_exits_cleanly_after_a_round_is_closed(
+    script: str, database, database_proxy: FaultProxy, tmp_path
+):
+    """No "Logging error", no task destroyed pending, nothing on stderr, at exit after close()."""
+    database_proxy.set_mode("blackhole")
+    environ = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": database["database"],
+        "HEALTH_TIMEOUT": "5",
+        "LOG_LEVEL": "DEBUG",
+        "COMMIT_SHA": "c",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPTS[script]],
+        env=environ,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines()[-1] == "database: shutting down"
+    assert "Task was destroyed" not in done.stdout
+
+
+def test_the_round_deadline_ends_a_redis_probe_that_has_none(make_checker: MakeChecker, redis_url):
+    """A Redis behind a blackhole through HealthChecker(timeout=0.5): timed out in < 0.75 s."""
+    with proxy_to(redis_url) as proxy:
+        proxy.set_mode("blackhole")
+        checker = make_checker({"cache": f"redis://127.0.0.1:{proxy.port}"}, timeout=0.5)
+        with runs_under(0.75):
+            report = checker.report().result(WAIT)
+    assert report.status == "cache: timed out after 0.5 s"
+
+
+def test_the_round_deadline_ends_a_query_already_running(make_checker: MakeChecker, pg_cluster):
+    """A server hung mid-session (its backend stopped): past connect, only the round ends it."""
+    checker = make_checker({"database": pg_cluster.dsn()}, timeout=0.5)
+    assert checker.report().result(WAIT).healthy
+    backend = asyncio.run(_probe_backend(pg_cluster))
+    os.kill(backend, signal.SIGSTOP)
+    try:
+        with runs_under(0.75):
+            report = checker.report().result(WAIT)
+    finally:
+        os.kill(backend, signal.SIGCONT)
+    assert report.status == "database: timed out after 0.5 s"
+
+
+async def _probe_backend(cluster) -> int:
+    """The server pid of the probe's pooled connection, found by its application_name."""
+    connection = await asyncpg.connect(cluster.superuser_dsn())
+    try:
+        pids = await connection.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'health-probe'"
+        )
+    finally:
+        await connection.close()
+    assert len(pids) == 1
+    return int(pids[0]["pid"])

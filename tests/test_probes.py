@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import contextlib
 import os
 import signal
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
 from application.config import Datastore
-from application.probes import PostgresProbe, Probe, describe, probe_for
+from application.probes import BadReply, PostgresProbe, Probe, describe, probe_for
+from tests import servers
 from tests.conftest import runs_under, through
 from tests.faultproxy import FaultProxy
 from tests.pgcluster import PgCluster, free_port
+from tests.redisserver import (
+    LineServer,
+    RedisServer,
+    TlsFiles,
+    command,
+    redis_server,
+    tls_files,
+)
 
 TIMEOUT = 0.3  # the deadline a caller puts around a ping, as a health round does
 SLACK = 0.25  # what a deadline may overrun by: scheduling, not waiting
@@ -70,19 +84,8 @@ async def postgres_fault(request: pytest.FixtureRequest) -> AsyncIterator[tuple[
 @pytest.fixture
 def redis_with_password(tmp_path) -> Iterator[int]:
     """A throwaway redis-server requiring password `pw`; yields its port, kills it after."""
-    port = free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", "pw"]
-    command += ["--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as server:
-        try:
-            assert server.stdout is not None
-            for line in server.stdout:  # EOF (the server died) ends the loop too
-                if "Ready to accept connections" in line:
-                    break
-            assert server.poll() is None, "redis-server exited during start-up"
-            yield port
-        finally:
-            server.kill()
+    with redis_server(tmp_path, "--requirepass", "pw") as server:
+        yield server.port
 
 
 async def test_postgres_probe_pings_the_real_database(database_url: str):
@@ -234,3 +237,253 @@ async def test_closing_a_postgres_probe_closes_its_connection(
     assert database_proxy.open == 1
     await database.close()
     assert await database_proxy.wait_open_async(0, 2)
+
+
+@contextlib.contextmanager
+def loading_redis(directory: Path) -> Iterator[RedisServer]:
+    """A redis-server still loading its dataset (slowed down by key-load-delay)."""
+    with redis_server(directory, "--enable-debug-command", "yes") as writer:
+        assert writer.ask("DEBUG", "POPULATE", "20000") == b"+OK\r\n"
+        assert writer.ask("SAVE") == b"+OK\r\n"
+    slow = ("--key-load-delay", "1000", "--loading-process-events-interval-bytes", "1024")
+    with redis_server(directory, *slow, ready="Loading RDB produced by") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def busy_redis(directory: Path) -> Iterator[RedisServer]:
+    """A redis-server running a script past busy-reply-threshold."""
+    with redis_server(directory, "--busy-reply-threshold", "100") as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as scripting:
+            scripting.sendall(command("EVAL", "while true do end", "0"))
+            until(lambda: server.ask("PING").startswith(b"-BUSY"))
+            yield server
+
+
+@contextlib.contextmanager
+def misconfigured_redis(directory: Path) -> Iterator[RedisServer]:
+    """A redis-server whose last snapshot failed (its saving child was killed)."""
+    with redis_server(directory, "--save", "3600 1") as server:
+        server.ask("SET", "key", "value")
+        server.ask("CONFIG", "SET", "rdb-key-save-delay", "100000000")
+        server.ask("BGSAVE")
+        children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+        until(lambda: bool(children.read_text().split()))
+        os.kill(int(children.read_text().split()[0]), signal.SIGKILL)
+        until(lambda: server.ask("PING").startswith(b"-MISCONF"))
+        yield server
+
+
+@contextlib.contextmanager
+def crowded_redis(directory: Path) -> Iterator[RedisServer]:
+    """A redis-server at maxclients 1, with that one client connected."""
+    with redis_server(directory, "--maxclients", "1") as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as client:
+            client.sendall(command("PING"))
+            assert client.recv(100) == b"+PONG\r\n"
+            yield server
+
+
+def until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    """Poll `condition` until it holds; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.02)
+
+
+# Each bad state of a real redis-server: the server's options (or a builder), the URL's
+# credentials, and the words for it.
+REDIS_STATES = {
+    "password-where-none-is-set": ((), ":pw@", "authentication failed"),
+    "renamed-auth": (
+        ("--requirepass", "pw", "--rename-command", "AUTH", ""), ":pw@", "unknown command"
+    ),
+    "acl-user-without-ping": (
+        ("--user", "probe", "on", ">pw", "~*", "-@all", "+auth"), "probe:pw@", "permission denied"
+    ),
+    "master-down": (
+        ("--replicaof", "127.0.0.1", "1", "--replica-serve-stale-data", "no"), "", "master down"
+    ),
+    "max-clients": (crowded_redis, "", "too many connections"),
+    "loading": (loading_redis, "", "loading"),
+    "busy": (busy_redis, "", "busy"),
+    "misconf": (misconfigured_redis, "", "persistence failing"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("state", list(REDIS_STATES))
+async def test_redis_error_replies_are_described(tmp_path: Path, state: str):
+    """Each error reply a real redis-server gives to AUTH or PING gets its own short words."""
+    server_setup, credentials, words = REDIS_STATES[state]
+    with contextlib.ExitStack() as stack:
+        if callable(server_setup):
+            server = stack.enter_context(server_setup(tmp_path))
+        else:
+            server = stack.enter_context(redis_server(tmp_path, *server_setup))
+        url = f"redis://{credentials}127.0.0.1:{server.port}"
+        probe = probe_for(Datastore("cache", url), TIMEOUT)
+        error = await failure(probe)
+    assert (type(error), describe(error, TIMEOUT)) == (BadReply, words)
+
+
+async def test_a_renamed_auth_never_shows_the_password(tmp_path: Path):
+    """The server echoes the password in its error reply; the probe's error never carries it."""
+    secret = "s3cret-planted"  # noqa: S105 - a planted password
+    with redis_server(tmp_path, "--requirepass", secret, "--rename-command", "AUTH", "") as server:
+        assert secret.encode() in server.ask("AUTH", secret)  # what the server really answers
+        probe = probe_for(Datastore("cache", f"redis://:{secret}@127.0.0.1:{server.port}"), 1)
+        error = await failure(probe)
+    assert secret not in f"{error} {error!r} {error.args} {describe(error, TIMEOUT)}"
+
+
+@pytest.fixture(scope="module")
+def http_server() -> Iterator[servers.Server]:
+    """A real gunicorn, serving this app: an HTTP server where a Redis was expected."""
+    server = servers.start("gunicorn-sync")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("credentials", ["", ":pw@", "user:pw@"])
+async def test_redis_probe_on_an_http_server_is_not_a_redis_server(
+    http_server: servers.Server, credentials: str
+):
+    """gunicorn answers `HTTP/1.1 400 Bad Request` to AUTH or PING: not a Redis server."""
+    url = f"redis://{credentials}127.0.0.1:{http_server.port}"
+    probe = probe_for(Datastore("cache", url), TIMEOUT)
+    assert describe(await failure(probe), TIMEOUT) == "not a Redis server"
+
+
+async def test_redis_probe_wants_pong_to_ping():
+    """A RESP server answering PING with anything but +PONG (here +OK): unexpected reply."""
+    with LineServer(b"+OK\r\n") as server:
+        probe = probe_for(Datastore("cache", f"redis://127.0.0.1:{server.port}"), TIMEOUT)
+        assert describe(await failure(probe), TIMEOUT) == "unexpected reply"
+
+
+async def test_redis_probe_on_a_long_line_is_not_a_redis_server():
+    """A line longer than any reply to PING is refused unread: not a Redis server."""
+    with LineServer(b"+" + b"x" * 10_000 + b"\r\n") as server:
+        probe = probe_for(Datastore("cache", f"redis://127.0.0.1:{server.port}"), TIMEOUT)
+        assert describe(await failure(probe), TIMEOUT) == "not a Redis server"
+
+
+async def test_a_reset_connection_is_lost_not_refused():
+    """A real TCP reset after the server read PING: ConnectionResetError, connection lost."""
+    with LineServer("reset") as server:
+        probe = probe_for(Datastore("cache", f"redis://127.0.0.1:{server.port}"), TIMEOUT)
+        error = await failure(probe)
+    assert isinstance(error, ConnectionResetError)
+    assert describe(error, TIMEOUT) == "connection lost"
+
+
+def test_a_broken_pipe_is_lost_not_refused():
+    """Writing on after the server hung up draws the kernel's EPIPE: connection lost."""
+    with LineServer("hang-up") as server:
+        with socket.create_connection(("127.0.0.1", server.port), 5) as sock:
+            assert sock.recv(1) == b""  # the server hung up
+            with pytest.raises(BrokenPipeError) as raised:
+                for _ in range(200):  # the first write draws a reset, the next one EPIPE
+                    sock.send(command("PING"))
+                    time.sleep(0.01)
+    assert describe(raised.value, TIMEOUT) == "connection lost"
+
+
+async def test_tls_to_a_plain_text_server_is_a_failed_handshake(http_server: servers.Server):
+    """rediss:// to a server answering in plain text (gunicorn): TLS handshake failed."""
+    probe = probe_for(Datastore("cache", f"rediss://127.0.0.1:{http_server.port}"), TIMEOUT)
+    error = await failure(probe)
+    assert isinstance(error, ssl.SSLError)
+    assert describe(error, TIMEOUT) == "TLS handshake failed"
+
+
+async def test_postgres_tls_to_a_server_without_it_is_a_failed_handshake(pg_cluster: PgCluster):
+    """sslmode=require to a PostgreSQL without TLS: the same words as for Redis."""
+    probe = probe_for(Datastore("database", pg_cluster.dsn() + "?sslmode=require"), TIMEOUT)
+    try:
+        assert describe(await failure(probe), TIMEOUT) == "TLS handshake failed"
+    finally:
+        await probe.close()
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A private CA, with a server certificate for 127.0.0.1 and localhost."""
+    return tls_files(tmp_path_factory.mktemp("tls"), "127.0.0.1", "localhost")
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path, tls: TlsFiles) -> Iterator[int]:
+    """A redis-server speaking only TLS, with password `pw`; yields its port."""
+    with redis_server(tmp_path, *tls.server_options(), "--requirepass", "pw") as server:
+        yield server.port
+
+
+async def test_rediss_probe_trusts_the_private_ca_given_in_ssl_ca_certs(tls_redis, tls):
+    """AUTH and PING over TLS to a server whose certificate a private CA signed."""
+    url = f"rediss://:pw@127.0.0.1:{tls_redis}?ssl_ca_certs={tls.ca}"
+    await probe_for(Datastore("cache", url), TIMEOUT).ping()
+
+
+async def test_rediss_probe_rejects_a_certificate_from_an_unknown_ca(tls_redis):
+    """Without the private CA the certificate is not trusted: TLS certificate rejected."""
+    probe = probe_for(Datastore("cache", f"rediss://:pw@127.0.0.1:{tls_redis}"), TIMEOUT)
+    assert describe(await failure(probe), TIMEOUT) == "TLS certificate rejected"
+
+
+async def test_rediss_probe_with_cert_reqs_none_skips_verification(tls_redis):
+    """ssl_cert_reqs=none: encrypted, unverified, as redis-py does with the same parameter."""
+    url = f"rediss://:pw@127.0.0.1:{tls_redis}?ssl_cert_reqs=none"
+    await probe_for(Datastore("cache", url), TIMEOUT).ping()
+
+
+@pytest.mark.parametrize(("check", "healthy"), [("", False), ("&ssl_check_hostname=false", True)])
+async def test_rediss_probe_checks_the_host_name_unless_told_not_to(
+    tmp_path: Path, check: str, healthy: bool
+):
+    """A certificate for `localhost` reached as 127.0.0.1 is rejected, unless the check is off."""
+    only_localhost = tls_files(tmp_path, "localhost")
+    with redis_server(tmp_path, *only_localhost.server_options()) as server:
+        url = f"rediss://127.0.0.1:{server.port}?ssl_ca_certs={only_localhost.ca}{check}"
+        probe = probe_for(Datastore("cache", url), TIMEOUT)
+        if healthy:
+            await probe.ping()
+        else:
+            assert describe(await failure(probe), TIMEOUT) == "TLS certificate rejected"
+
+
+async def test_rediss_probe_presents_the_client_certificate_it_is_given(tmp_path: Path, tls):
+    """A server that wants client certificates accepts ssl_certfile and ssl_keyfile."""
+    with redis_server(tmp_path, *tls.server_options(auth_clients=True)) as server:
+        url = (
+            f"rediss://127.0.0.1:{server.port}?ssl_ca_certs={tls.ca}"
+            f"&ssl_certfile={tls.client_cert}&ssl_keyfile={tls.client_key}"
+        )
+        await probe_for(Datastore("cache", url), TIMEOUT).ping()
+        anonymous = probe_for(Datastore("cache", url.partition("&")[0]), TIMEOUT)
+        # TLS 1.3: the server's refusal comes after the handshake, as an alert or a reset.
+        words = describe(await failure(anonymous), TIMEOUT)
+        assert words in {"TLS handshake failed", "connection lost"}
+
+
+async def test_rediss_probe_builds_its_tls_context_once(tls_redis, tls, monkeypatch):
+    """Made when the probe is, never per ping: five pings build no context."""
+    url = f"rediss://:pw@127.0.0.1:{tls_redis}?ssl_ca_certs={tls.ca}"
+    probe = probe_for(Datastore("cache", url), TIMEOUT)
+    built: list[object] = []
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(ssl, "SSLContext", lambda *a, **k: built.append(a))
+    for _ in range(5):
+        await probe.ping()
+    assert built == []
+
+
+@pytest.mark.parametrize("module", ["probes", "health", "tls", "config"])
+def test_probe_code_imports_no_flask(module: str):
+    """The probes, the rounds and their settings know nothing of Flask (the blueprint renders)."""
+    tree = ast.parse((servers.ROOT / "application" / f"{module}.py").read_text())
+    nodes = list(ast.walk(tree))
+    imported = {a.name for node in nodes if isinstance(node, ast.Import) for a in node.names}
+    imported |= {node.module or "" for node in nodes if isinstance(node, ast.ImportFrom)}
+    assert not {name for name in imported if name.split(".")[0] == "flask"}

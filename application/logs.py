@@ -30,7 +30,14 @@ _LEVELS = {
     "fatal": "CRITICAL",
 }
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_BARE = re.compile(r'[^\s="\\]+')  # a logfmt value that needs no quotes
+# JSON's string escapes, which logfmt parsers (go-logfmt, Loki's) decode in quoted values.
+# A message or a key is not quoted, so it may hold no `=` or `"` (a parser would read a field
+# there) nor U+FFFD (go-logfmt's mark of a bad key): \u escapes, like unprintable characters.
+_IN_VALUE = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_IN_MESSAGE = {**_IN_VALUE, '"': "\\u0022", "=": "\\u003d", "\ufffd": "\\ufffd"}
+_IN_KEY = {**_IN_MESSAGE, " ": "\\u0020"}
+_PLAIN = re.compile(r'[^="\\\ufffd]*')  # a printable message that needs no escapes
+_BARE = re.compile(r'[^\s="\\]+')  # a printable value or key that needs no quotes
 
 log = structlog.get_logger()
 
@@ -137,24 +144,46 @@ def _to_json(event_dict: EventDict, **_: Any) -> str:
 
 
 def render_line(_: WrappedLogger, __: str, event_dict: EventDict) -> str:
-    """`YYYY-MM-DD HH:MM:SS [LEVEL] message key=value ...`, control characters escaped."""
+    """`YYYY-MM-DD HH:MM:SS [LEVEL] message key=value ...`, one line a logfmt parser reads back.
+
+    After the level, a parser sees the message's words as bare keys, then exactly the logged
+    fields with their values: no text in a message or a value passes for a field or a line.
+    """
     timestamp = event_dict.pop("timestamp", "")
     level = event_dict.pop("level", "")
-    line = f"{timestamp} [{level}] {escape(str(event_dict.pop('event', '')))}"
+    message = str(event_dict.pop("event", ""))
+    if not (message.isprintable() and _PLAIN.fullmatch(message)):
+        message = escape(message)
+    line = f"{timestamp} [{level}] {message}"
     if not event_dict:
         return line
-    pairs = [f"{escape(str(key))}={_logfmt(value)}" for key, value in event_dict.items()]
+    pairs = [f"{_key(str(key))}={_value(value)}" for key, value in event_dict.items()]
     return f"{line} {' '.join(pairs)}"
 
 
-def escape(text: str) -> str:
-    """Text that cannot start a line of its own: CR, LF, ESC, U+2028 and kin become escapes."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+def escape(text: str, table: dict[str, str] = _IN_MESSAGE) -> str:
+    """`table`'s characters and every unprintable one as JSON escapes, the rest as it is.
+
+    By hand, not with the unicode_escape codec: codec lookups fail while the interpreter
+    finalizes, and a record logged then (asyncio's "Task was destroyed") would be lost.
+    """
+    return "".join(table.get(c) or (c if c.isprintable() else _code_point(c)) for c in text)
 
 
-def _logfmt(value: object) -> str:
+def _code_point(char: str) -> str:
+    """`\\uXXXX`, as a UTF-16 surrogate pair above U+FFFF, the way JSON and logfmt read it."""
+    code = ord(char)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def _key(key: str) -> str:
+    return key if key.isprintable() and _BARE.fullmatch(key) else escape(key, _IN_KEY)
+
+
+def _value(value: object) -> str:
     if isinstance(value, str):
         text = value
     elif value is None:
@@ -167,7 +196,7 @@ def _logfmt(value: object) -> str:
         text = str(value)
     if text.isprintable() and _BARE.fullmatch(text):
         return text
-    return '"' + escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+    return f'"{escape(text, _IN_VALUE)}"'
 
 
 def bind_request_id(incoming: str | None) -> str:

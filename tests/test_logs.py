@@ -15,11 +15,36 @@ import structlog
 import application
 from application import logs
 from application.config import Config
+from tests import servers
 
 TEXT_LINE = re.compile(
     r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} \[(DEBUG|INFO|WARNING|ERROR|CRITICAL)\] "
 )
 FRESH_ID = re.compile(r"[0-9a-f]{32}")
+PREFIX = len("2025-01-02 03:04:05 [INFO] ")
+HOSTILE = [
+    'say "hi"',
+    "C:\\dir\\",
+    "a=b",
+    "two words",
+    "",
+    " ",
+    "/\r\n2015-01-01 00:00:00 [INFO] forged",
+    "\x1b[31mred\x1b[0m",
+    "\u2028",
+    "\x00",
+    "\t",
+    "héllo wörld ✓ 日本語",
+    "x request_id=forged level=INFO",
+    '" request_id="forged',
+    "\\",
+    '\\"',
+    "\\u0022",
+    "\U0001f600",
+    "\ufffd",
+    "\x7f\x85\u202e\U000e0001",
+    "null",
+]
 
 
 def render(event: str = "hello", **pairs: object) -> str:
@@ -89,18 +114,19 @@ def test_logfmt_values(value, rendered):
         ("\r", r"\r"),
         ("\n", r"\n"),
         ("\t", r"\t"),
-        ("\x1b", r"\x1b"),
-        ("\x00", r"\x00"),
-        ("\x7f", r"\x7f"),
-        ("\x85", r"\x85"),
+        ("\x1b", r"\u001b"),
+        ("\x00", r"\u0000"),
+        ("\x7f", r"\u007f"),
+        ("\x85", r"\u0085"),
         ("\u2028", r"\u2028"),
         ("\u2029", r"\u2029"),
         ("\u202e", r"\u202e"),
+        ("\U000e0001", r"\udb40\udc01"),
     ],
     ids=repr,
 )
 def test_escape_makes_control_characters_visible(char, visible):
-    """Line breaks, terminal escapes and bidi overrides become their escape sequences."""
+    """Line breaks, terminal escapes and bidi overrides become JSON's escape sequences."""
     assert logs.escape(f"a{char}b") == f"a{visible}b"
 
 
@@ -129,6 +155,62 @@ def test_forged_line_stays_on_its_line(where):
     line = render(forged) if where == "message" else render(path=forged)
     assert len(line.splitlines()) == 1
     assert r"/\r\n2015-01-01 00:00:00 [INFO] forged" in line
+
+
+def test_plain_message_is_left_as_it_is():
+    """A message without `=`, `"`, `\\` or unprintable characters reads exactly as logged."""
+    message = "Listening at: http://0.0.0.0:5079 (8065) → it's [ok] {ünï} ✓"
+    assert render(message)[PREFIX:] == message
+
+
+def test_equals_signs_and_quotes_in_a_message_become_escapes():
+    """`=` and `"` in a message would make a logfmt field: they are written as \\u escapes."""
+    line = render('GET /x request_id=forged "hi"', status=400)
+    assert line[PREFIX:] == r"GET /x request_id\u003dforged \u0022hi\u0022 status=400"
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=repr)
+def test_logfmt_parser_reads_back_exactly_the_logged_fields(value):
+    """A hostile value comes back from the parser exact, beside the other fields, and alone."""
+    line = render("hello", path=value, status=200, remote=None)
+    assert servers.log_pairs(line) == [
+        ("hello", None),
+        ("path", value),
+        ("status", "200"),
+        ("remote", "null"),
+    ]
+
+
+@pytest.mark.parametrize("message", HOSTILE, ids=repr)
+def test_a_hostile_message_makes_no_field(message):
+    """Whatever a message holds, the parser reads words from it, then only the logged field."""
+    pairs = servers.log_pairs(render(message, status=200))
+    assert [pair for pair in pairs if pair.value is not None] == [("status", "200")]
+    assert pairs[-1] == ("status", "200")
+
+
+@pytest.mark.parametrize("message", HOSTILE, ids=repr)
+def test_message_escaping_is_lossless(message):
+    """A rendered message is the body of a JSON string: decoding it gives the message back."""
+    assert json.loads(f'"{render(message)[PREFIX:]}"') == message
+
+
+def test_a_hostile_key_is_one_field():
+    """A key with a space, `=`, `"` and a newline stays one key, which decodes back."""
+    key = 'a b="c"\nd'
+    [word, (rendered_key, value)] = servers.log_pairs(render(**{key: 1}))
+    assert (word, value) == (("hello", None), "1")
+    assert json.loads(f'"{rendered_key}"') == key
+
+
+def test_every_code_point_reads_back():
+    """Every code point below U+3000 and a few above U+FFFF, in a message and a value, exact."""
+    everything = "".join(map(chr, range(0x3000))) + "\U0001f600\U000e0001\U0010ffff"
+    line = render(everything, value=everything)
+    pairs = servers.log_pairs(line)
+    assert [pair for pair in pairs if pair.value is not None] == [("value", everything)]
+    message = line[PREFIX : line.rindex(" value=")]
+    assert json.loads(f'"{message}"') == everything
 
 
 @pytest.mark.parametrize("incoming", ["abc", "a" * 128, "req-1.2_3", "0123456789abcdef" * 2])

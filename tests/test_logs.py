@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import subprocess
 import sys
 import threading
 
@@ -295,3 +297,31 @@ def test_json_lines_are_objects_with_a_structured_exception(configure):
     assert exception["frames"][-1]["name"] == "_fail"
     assert all("locals" not in frame for frame in exception["frames"])
     assert "hunter2" not in stream.getvalue()
+
+
+# Nothing unprintable is logged before: an earlier escape would have cached a codec lookup.
+LATE_RECORD = """
+import logging
+import application
+
+class LateRecord:
+    def __del__(self):  # runs as the interpreter tears __main__ down, after atexit hooks
+        logging.getLogger("late").warning("finalizing\\x1b")
+
+late_record = LateRecord()
+"""
+
+
+def test_a_record_logged_while_the_interpreter_finalizes_is_written():
+    """An unprintable character logged during finalization is escaped: a line, no logging error."""
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_RECORD],
+        cwd=servers.ROOT,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(servers.ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stderr == ""
+    [line] = done.stdout.splitlines()
+    assert line.endswith(r"[WARNING] finalizing\u001b logger=late")

@@ -85,6 +85,9 @@ def dict_config(config: Config, stream: TextIO | None = None) -> dict[str, Any]:
     )
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(formatter)
+    # hypercorn and gunicorn set their loggers' levels from their own `loglevel` after this
+    # runs: the one handler every record reaches holds LOG_LEVEL, whatever a logger says.
+    handler.setLevel(config.log_level)
     quiet = {"handlers": [], "propagate": False, "level": "CRITICAL"}
     return {
         "version": 1,

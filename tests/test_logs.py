@@ -263,6 +263,17 @@ def test_stdlib_record_below_the_level_is_dropped(configure):
     assert stream.getvalue() == ""
 
 
+def test_a_logger_set_below_the_level_prints_nothing_below_it(configure):
+    """A server setting its own logger to INFO after configuration cannot bypass LOG_LEVEL."""
+    stream = configure(Config(log_level="WARNING"))
+    server_logger = logging.getLogger("someserver.error")
+    server_logger.setLevel(logging.INFO)
+    server_logger.info("Booting worker")
+    server_logger.warning("Worker timeout")
+    assert stream.getvalue().count("\n") == 1
+    assert "Worker timeout" in stream.getvalue()
+
+
 def test_stdlib_exception_is_one_text_line(configure):
     """A traceback logged with exc_info is escaped into the record's one line."""
     stream = configure()
@@ -325,3 +336,17 @@ def test_a_record_logged_while_the_interpreter_finalizes_is_written():
     assert done.stderr == ""
     [line] = done.stdout.splitlines()
     assert line.endswith(r"[WARNING] finalizing\u001b logger=late")
+
+
+@pytest.mark.parametrize("mode", ["hypercorn-asgi", "gunicorn-gthread"])
+def test_log_level_warning_silences_every_source_below_it(mode):
+    """LOG_LEVEL=WARNING under a real server: its start, requests and stop print nothing below."""
+    refused = f"postgresql://127.0.0.1:{servers.free_port()}/app"
+    server = servers.start(mode, {"LOG_LEVEL": "WARNING", "DATABASE_URL": refused})
+    try:
+        assert server.get("/health").status_code == 500
+        server.wait_for_line("datastore unhealthy")
+    finally:
+        assert server.stop() == 0
+    levels = [re.match(servers.LOG_LINE, line).group(1) for line in server.lines]
+    assert set(levels) == {"WARNING"}, "\n".join(server.lines)

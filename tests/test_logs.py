@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -350,3 +351,27 @@ def test_log_level_warning_silences_every_source_below_it(mode):
         assert server.stop() == 0
     levels = [re.match(servers.LOG_LINE, line).group(1) for line in server.lines]
     assert set(levels) == {"WARNING"}, "\n".join(server.lines)
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET /x request_id=forged-by-client level=INFO HTTP/1.1",
+        b'GET /x" request_id="forged-by-client" level=INFO HTTP/1.1',
+    ],
+)
+def test_a_request_line_forges_no_field_in_gunicorns_warning(request_line):
+    """gunicorn quotes a bad request line in its warning: a logfmt parser finds no field in it."""
+    server = servers.start("gunicorn-gthread")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+            client.sendall(request_line + b"\r\nHost: x\r\n\r\n")
+            assert client.recv(64).startswith(b"HTTP/1.1 400 ")
+        warning = server.wait_for_line("Invalid request")
+    finally:
+        server.stop()
+    fields = {key: value for key, value in servers.log_pairs(warning) if value is not None}
+    assert fields.get("logger") == "gunicorn.error"
+    assert "level" not in fields
+    assert "forged-by-client" not in fields.values()
+    assert r"request_id\u003d" in warning  # still there for a human to read

@@ -121,7 +121,7 @@ class Server:
         raise AssertionError(f"no line with {text!r} in {self.mode} stdout:\n{printed}")
 
     def stop(self, timeout: float = 30) -> int:
-        """SIGTERM, then the exit code once it has drained."""
+        """SIGTERM, then the exit code once it has drained; every line it printed is checked."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
@@ -132,6 +132,8 @@ class Server:
                 self.process.wait()
             for reader in self.readers:
                 reader.join()
+        for line in self.lines:
+            check_log_line(line)
         return code
 
 

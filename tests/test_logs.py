@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+from datetime import UTC, datetime
 
 import pytest
 import structlog
@@ -25,6 +27,7 @@ TEXT_LINE = re.compile(
 )
 FRESH_ID = re.compile(r"[0-9a-f]{32}")
 PREFIX = len("2025-01-02 03:04:05 [INFO] ")
+EAST_OF_UTC = "IST-05:30"  # POSIX TZ for UTC+05:30: needs no time zone database
 HOSTILE = [
     'say "hi"',
     "C:\\dir\\",
@@ -288,6 +291,35 @@ def test_stdlib_exception_is_one_text_line(configure):
     assert line.endswith(r'ZeroDivisionError: division by zero"')
 
 
+@pytest.fixture
+def east_of_utc():
+    """The process's local time is UTC+05:30 during the test."""
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = EAST_OF_UTC
+    time.tzset()
+    yield
+    if saved is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = saved
+    time.tzset()
+
+
+@pytest.mark.parametrize(
+    ("log_format", "epoch"), [("text", "1970-01-01 00:00:00"), ("json", "1970-01-01T00:00:00Z")]
+)
+def test_timestamp_is_utc_whatever_the_local_zone(
+    configure, monkeypatch, east_of_utc, log_format, epoch
+):
+    """At the epoch, in a zone five and a half hours east, a line still says the epoch in UTC."""
+    stream = configure(Config(log_format=log_format))
+    monkeypatch.setattr(time, "time", lambda: 0.0)
+    structlog.get_logger().info("tick")
+    line = stream.getvalue()
+    stamp = json.loads(line)["timestamp"] if log_format == "json" else line[: len(epoch)]
+    assert stamp == epoch
+
+
 def _fail(password: str) -> None:
     raise RuntimeError("boom")
 
@@ -375,3 +407,16 @@ def test_a_request_line_forges_no_field_in_gunicorns_warning(request_line):
     assert "level" not in fields
     assert "forged-by-client" not in fields.values()
     assert r"request_id\u003d" in warning  # still there for a human to read
+
+
+@pytest.mark.parametrize("mode", ["hypercorn-asgi", "gunicorn-gthread"])
+def test_a_server_east_of_utc_stamps_its_lines_in_utc(mode):
+    """TZ five and a half hours east of UTC: every line's timestamp falls while the server ran."""
+    started = datetime.now(UTC).replace(microsecond=0)
+    server = servers.start(mode, {"TZ": EAST_OF_UTC})
+    server.get("/")
+    server.stop()
+    stopped = datetime.now(UTC)
+    stamps = [datetime.fromisoformat(line[:19]).replace(tzinfo=UTC) for line in server.lines]
+    assert stamps
+    assert all(started <= stamp <= stopped for stamp in stamps), (started, stopped, stamps)

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 import pytest
 import structlog
+from logfmtkv import LogfmtSyntaxError
 
 import application
 from application import logs
@@ -217,6 +218,27 @@ def test_every_code_point_reads_back():
     assert [pair for pair in pairs if pair.value is not None] == [("value", everything)]
     message = line[PREFIX : line.rindex(" value=")]
     assert json.loads(f'"{message}"') == everything
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "2026-01-01 00:00:00 [WARNING] from ip=1.2.3.4: 'GET /x' logger=gunicorn.error",
+        "2026-01-01 00:00:00 [INFO] hello status=200 level=INFO",
+        "2026-01-01 00:00:00 [INFO] hello status=200 status=500",
+        '2026-01-01 00:00:00 [INFO] say "hi" status=200',
+        "Traceback (most recent call last):",
+    ],
+)
+def test_the_servers_line_check_refuses_a_forged_line(line):
+    """The check every server's stdout goes through fails on each way a field can be forged."""
+    with pytest.raises((AssertionError, LogfmtSyntaxError)):
+        servers.check_log_line(line)
+
+
+def test_the_servers_line_check_passes_a_rendered_line():
+    """A line the renderer made, hostile message and values included, passes the check."""
+    servers.check_log_line(render('x request_id=forged "q"\n', path="a=b c", status=200))
 
 
 @pytest.mark.parametrize("incoming", ["abc", "a" * 128, "req-1.2_3", "0123456789abcdef" * 2])

@@ -30,11 +30,11 @@ _LEVELS = {
     "fatal": "CRITICAL",
 }
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-# JSON's string escapes, which logfmt parsers (go-logfmt, Loki's) decode in quoted values.
-# A message or a key is not quoted, so it may hold no `=` or `"` (a parser would read a field
-# there) nor U+FFFD (go-logfmt's mark of a bad key): \u escapes, like unprintable characters.
-_IN_VALUE = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_IN_MESSAGE = {**_IN_VALUE, '"': "\\u0022", "=": "\\u003d", "\ufffd": "\\ufffd"}
+# Unprintable characters become JSON's escapes (\n, \u001b, a surrogate pair above U+FFFF),
+# which logfmt parsers (go-logfmt, Loki's) decode in quoted values. A message or a key is not
+# quoted: no `=` or `"` in it (a field to a parser), nor U+FFFD (go-logfmt's bad key mark).
+_IN_VALUE = {"\\": "\\\\", '"': '\\"'}
+_IN_MESSAGE = {"\\": "\\\\", '"': "\\u0022", "=": "\\u003d", "\ufffd": "\\ufffd"}
 _IN_KEY = {**_IN_MESSAGE, " ": "\\u0020"}
 _PLAIN = re.compile(r'[^="\\\ufffd]*')  # a printable message that needs no escapes
 _BARE = re.compile(r'[^\s="\\]+')  # a printable value or key that needs no quotes
@@ -139,6 +139,7 @@ def _renderer(config: Config) -> tuple[Processor, Processor]:
 
 
 _json = json.JSONEncoder(default=repr)
+_json_escape = json.encoder.encode_basestring_ascii
 
 
 def _to_json(event_dict: EventDict, **_: Any) -> str:
@@ -167,19 +168,10 @@ def render_line(_: WrappedLogger, __: str, event_dict: EventDict) -> str:
 def escape(text: str, table: dict[str, str] = _IN_MESSAGE) -> str:
     """`table`'s characters and every unprintable one as JSON escapes, the rest as it is.
 
-    By hand, not with the unicode_escape codec: codec lookups fail while the interpreter
-    finalizes, and a record logged then (asyncio's "Task was destroyed") would be lost.
+    No unicode_escape codec: its lookup fails while the interpreter finalizes, and a record
+    logged then (from a late `__del__`) was lost behind a `--- Logging error ---`.
     """
-    return "".join(table.get(c) or (c if c.isprintable() else _code_point(c)) for c in text)
-
-
-def _code_point(char: str) -> str:
-    """`\\uXXXX`, as a UTF-16 surrogate pair above U+FFFF, the way JSON and logfmt read it."""
-    code = ord(char)
-    if code < 0x10000:
-        return f"\\u{code:04x}"
-    code -= 0x10000
-    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return "".join(table.get(c) or (c if c.isprintable() else _json_escape(c)[1:-1]) for c in text)
 
 
 def _key(key: str) -> str:

@@ -33,10 +33,9 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # Unprintable characters become JSON's escapes (\n, \u001b, a surrogate pair above U+FFFF),
 # which logfmt parsers (go-logfmt, Loki's) decode in quoted values. A message or a key is not
 # quoted: no `=` or `"` in it (a field to a parser), nor U+FFFD (go-logfmt's bad key mark).
-_IN_VALUE = {"\\": "\\\\", '"': '\\"'}
-_IN_MESSAGE = {"\\": "\\\\", '"': "\\u0022", "=": "\\u003d", "\ufffd": "\\ufffd"}
-_IN_KEY = {**_IN_MESSAGE, " ": "\\u0020"}
-_PLAIN = re.compile(r'[^="\\\ufffd]*')  # a printable message that needs no escapes
+_IN_VALUE = (("\\", "\\\\"), ('"', '\\"'))
+_IN_MESSAGE = (("\\", "\\\\"), ('"', "\\u0022"), ("=", "\\u003d"), ("\ufffd", "\\ufffd"))
+_IN_KEY = (*_IN_MESSAGE, (" ", "\\u0020"))
 _BARE = re.compile(r'[^\s="\\]+')  # a printable value or key that needs no quotes
 
 log = structlog.get_logger()
@@ -155,23 +154,24 @@ def render_line(_: WrappedLogger, __: str, event_dict: EventDict) -> str:
     """
     timestamp = event_dict.pop("timestamp", "")
     level = event_dict.pop("level", "")
-    message = str(event_dict.pop("event", ""))
-    if not (message.isprintable() and _PLAIN.fullmatch(message)):
-        message = escape(message)
-    line = f"{timestamp} [{level}] {message}"
+    line = f"{timestamp} [{level}] {escape(str(event_dict.pop('event', '')))}"
     if not event_dict:
         return line
     pairs = [f"{_key(str(key))}={_value(value)}" for key, value in event_dict.items()]
     return f"{line} {' '.join(pairs)}"
 
 
-def escape(text: str, table: dict[str, str] = _IN_MESSAGE) -> str:
+def escape(text: str, table: tuple[tuple[str, str], ...] = _IN_MESSAGE) -> str:
     """`table`'s characters and every unprintable one as JSON escapes, the rest as it is.
 
     No unicode_escape codec: its lookup fails while the interpreter finalizes, and a record
     logged then (from a late `__del__`) was lost behind a `--- Logging error ---`.
     """
-    return "".join(table.get(c) or (c if c.isprintable() else _json_escape(c)[1:-1]) for c in text)
+    for char, escaped in table:  # the backslash first
+        text = text.replace(char, escaped)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _json_escape(c)[1:-1] for c in text)
 
 
 def _key(key: str) -> str:

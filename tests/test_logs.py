@@ -188,6 +188,14 @@ def test_logfmt_parser_reads_back_exactly_the_logged_fields(value):
     ]
 
 
+@pytest.mark.parametrize("value", HOSTILE, ids=repr)
+def test_a_value_decodes_as_a_json_string(value):
+    """A quoted value is a JSON string literal, a bare one the body of one: either decodes back."""
+    rendered = render(path=value)[PREFIX + len("hello path=") :]
+    literal = rendered if rendered.startswith('"') else f'"{rendered}"'
+    assert json.loads(literal) == value
+
+
 @pytest.mark.parametrize("message", HOSTILE, ids=repr)
 def test_a_hostile_message_makes_no_field(message):
     """Whatever a message holds, the parser reads words from it, then only the logged field."""

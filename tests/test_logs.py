@@ -444,8 +444,10 @@ def test_a_server_east_of_utc_stamps_its_lines_in_utc(mode):
     """TZ five and a half hours east of UTC: every line's timestamp falls while the server ran."""
     started = datetime.now(UTC).replace(microsecond=0)
     server = servers.start(mode, {"TZ": EAST_OF_UTC})
-    server.get("/")
-    server.stop()
+    try:
+        assert server.get("/").status_code == 200
+    finally:
+        server.stop()
     stopped = datetime.now(UTC)
     stamps = [datetime.fromisoformat(line[:19]).replace(tzinfo=UTC) for line in server.lines]
     assert stamps

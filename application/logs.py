@@ -30,7 +30,13 @@ _LEVELS = {
     "fatal": "CRITICAL",
 }
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_BARE = re.compile(r'[^\s="\\]+')  # a logfmt value that needs no quotes
+# Unprintable characters become JSON's escapes (\n, \u001b, a surrogate pair above U+FFFF),
+# which logfmt parsers (go-logfmt, Loki's) decode in quoted values. A message or a key is not
+# quoted: no `=` or `"` in it (a field to a parser), nor U+FFFD (go-logfmt's bad key mark).
+_IN_VALUE = (("\\", "\\\\"), ('"', '\\"'))
+_IN_MESSAGE = (("\\", "\\\\"), ('"', "\\u0022"), ("=", "\\u003d"), ("\ufffd", "\\ufffd"))
+_IN_KEY = (*_IN_MESSAGE, (" ", "\\u0020"))
+_BARE = re.compile(r'[^\s="\\]+')  # a printable value or key that needs no quotes
 
 log = structlog.get_logger()
 
@@ -78,6 +84,9 @@ def dict_config(config: Config, stream: TextIO | None = None) -> dict[str, Any]:
     )
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(formatter)
+    # hypercorn and gunicorn set their loggers' levels from their own `loglevel` after this
+    # runs: the one handler every record reaches holds LOG_LEVEL, whatever a logger says.
+    handler.setLevel(config.log_level)
     quiet = {"handlers": [], "propagate": False, "level": "CRITICAL"}
     return {
         "version": 1,
@@ -129,6 +138,7 @@ def _renderer(config: Config) -> tuple[Processor, Processor]:
 
 
 _json = json.JSONEncoder(default=repr)
+_json_escape = json.encoder.encode_basestring_ascii
 
 
 def _to_json(event_dict: EventDict, **_: Any) -> str:
@@ -137,24 +147,38 @@ def _to_json(event_dict: EventDict, **_: Any) -> str:
 
 
 def render_line(_: WrappedLogger, __: str, event_dict: EventDict) -> str:
-    """`YYYY-MM-DD HH:MM:SS [LEVEL] message key=value ...`, control characters escaped."""
+    """`YYYY-MM-DD HH:MM:SS [LEVEL] message key=value ...`, one line a logfmt parser reads back.
+
+    After the level, a parser sees the message's words as bare keys, then exactly the logged
+    fields with their values: no text in a message or a value passes for a field or a line.
+    """
     timestamp = event_dict.pop("timestamp", "")
     level = event_dict.pop("level", "")
     line = f"{timestamp} [{level}] {escape(str(event_dict.pop('event', '')))}"
     if not event_dict:
         return line
-    pairs = [f"{escape(str(key))}={_logfmt(value)}" for key, value in event_dict.items()]
+    pairs = [f"{_key(str(key))}={_value(value)}" for key, value in event_dict.items()]
     return f"{line} {' '.join(pairs)}"
 
 
-def escape(text: str) -> str:
-    """Text that cannot start a line of its own: CR, LF, ESC, U+2028 and kin become escapes."""
+def escape(text: str, table: tuple[tuple[str, str], ...] = _IN_MESSAGE) -> str:
+    """`table`'s characters and every unprintable one as JSON escapes, the rest as it is.
+
+    No unicode_escape codec: its lookup fails while the interpreter finalizes, and a record
+    logged then (from a late `__del__`) was lost behind a `--- Logging error ---`.
+    """
+    for char, escaped in table:  # the backslash first
+        text = text.replace(char, escaped)
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return "".join(c if c.isprintable() else _json_escape(c)[1:-1] for c in text)
 
 
-def _logfmt(value: object) -> str:
+def _key(key: str) -> str:
+    return key if key.isprintable() and _BARE.fullmatch(key) else escape(key, _IN_KEY)
+
+
+def _value(value: object) -> str:
     if isinstance(value, str):
         text = value
     elif value is None:
@@ -167,7 +191,7 @@ def _logfmt(value: object) -> str:
         text = str(value)
     if text.isprintable() and _BARE.fullmatch(text):
         return text
-    return '"' + escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+    return f'"{escape(text, _IN_VALUE)}"'
 
 
 def bind_request_id(incoming: str | None) -> str:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import itertools
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+from logfmtkv import Pair, parse_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -34,6 +39,48 @@ MODES: dict[str, list[str]] = {
         "{module}:app",
     ],
 }  # fmt: skip
+
+
+def _logged_keys() -> frozenset[str]:
+    """Every field the project logs: keywords of its log and bind calls, and what processors add.
+
+    Read from the source of the application and of the test apps the servers run, so a new
+    field needs no list kept by hand, and a key nobody logs stands out.
+    """
+    keys = {"logger", "exception"}  # structlog's add_logger_name and format_exc_info
+    methods = {"debug", "info", "warning", "error", "exception", "critical", "bind_contextvars"}
+    for path in [*ROOT.glob("application/*.py"), *ROOT.glob("tests/*_app.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in methods:
+                keys.update(keyword.arg for keyword in node.keywords if keyword.arg)
+    return frozenset(keys - {"exc_info", "stack_info", "stacklevel", "extra"})
+
+
+LOGGED_KEYS = _logged_keys()
+
+
+def log_pairs(line: str) -> list[Pair]:
+    """What a logfmt parser (go-logfmt's rules, strictly) reads after the timestamp and level.
+
+    The message's words come first as bare keys (value None), then the fields.
+    """
+    prefix = re.match(LOG_LINE, line)
+    assert prefix, f"not a log line: {line!r}"
+    return parse_pairs(line[prefix.end() :], strict=True)
+
+
+def check_log_line(line: str) -> None:
+    """Fields the project logs, each once, after the message: none made of text that was logged."""
+    if line.startswith("{"):  # LOG_FORMAT=json
+        extra = json.loads(line).keys() - LOGGED_KEYS - {"timestamp", "level", "event"}
+        assert not extra, f"keys {sorted(extra)} are not fields the project logs: {line!r}"
+        return
+    pairs = log_pairs(line)
+    words = list(itertools.takewhile(lambda pair: pair.value is None, pairs))
+    fields = [key for key, value in pairs[len(words) :] if value is not None]
+    assert len(words) + len(fields) == len(pairs), f"a word after the fields: {line!r}"
+    assert set(fields) <= LOGGED_KEYS, f"{set(fields) - LOGGED_KEYS} never logged: {line!r}"
+    assert len(set(fields)) == len(fields), f"a field twice: {line!r}"
 
 
 def free_port() -> int:
@@ -72,17 +119,20 @@ class Server:
         raise AssertionError(f"no line with {texts!r} in {self.mode} stdout:\n{printed}")
 
     def stop(self, timeout: float = 30) -> int:
-        """SIGTERM, then the exit code once it has drained."""
+        """SIGTERM, then the exit code once it has drained; every line it printed is checked."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout)
+            code = self.process.wait(timeout)
         finally:
             if self.process.poll() is None:
                 self.process.kill()
                 self.process.wait()
             for reader in self.readers:
                 reader.join()
+        for line in self.lines:
+            check_log_line(line)
+        return code
 
 
 def start(

@@ -5,21 +5,53 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import socket
+import subprocess
 import sys
 import threading
+import time
+from datetime import UTC, datetime
 
 import pytest
 import structlog
+from logfmtkv import LogfmtSyntaxError
 
 import application
 from application import logs
 from application.config import Config
+from tests import servers
 
 TEXT_LINE = re.compile(
     r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} \[(DEBUG|INFO|WARNING|ERROR|CRITICAL)\] "
 )
 FRESH_ID = re.compile(r"[0-9a-f]{32}")
+PREFIX = len("2025-01-02 03:04:05 [INFO] ")
+EAST_OF_UTC = "IST-05:30"  # POSIX TZ for UTC+05:30: needs no time zone database
+HOSTILE = [
+    'say "hi"',
+    "C:\\dir\\",
+    "a=b",
+    "two words",
+    "",
+    " ",
+    "/\r\n2015-01-01 00:00:00 [INFO] forged",
+    "\x1b[31mred\x1b[0m",
+    "\u2028",
+    "\x00",
+    "\t",
+    "héllo wörld ✓ 日本語",
+    "x request_id=forged level=INFO",
+    '" request_id="forged',
+    "\\",
+    '\\"',
+    "\\u0022",
+    "\U0001f600",
+    "\ufffd",
+    "\x7f\x85\u202e\U000e0001",
+    "null",
+]
 
 
 def render(event: str = "hello", **pairs: object) -> str:
@@ -89,18 +121,19 @@ def test_logfmt_values(value, rendered):
         ("\r", r"\r"),
         ("\n", r"\n"),
         ("\t", r"\t"),
-        ("\x1b", r"\x1b"),
-        ("\x00", r"\x00"),
-        ("\x7f", r"\x7f"),
-        ("\x85", r"\x85"),
+        ("\x1b", r"\u001b"),
+        ("\x00", r"\u0000"),
+        ("\x7f", r"\u007f"),
+        ("\x85", r"\u0085"),
         ("\u2028", r"\u2028"),
         ("\u2029", r"\u2029"),
         ("\u202e", r"\u202e"),
+        ("\U000e0001", r"\udb40\udc01"),
     ],
     ids=repr,
 )
 def test_escape_makes_control_characters_visible(char, visible):
-    """Line breaks, terminal escapes and bidi overrides become their escape sequences."""
+    """Line breaks, terminal escapes and bidi overrides become JSON's escape sequences."""
     assert logs.escape(f"a{char}b") == f"a{visible}b"
 
 
@@ -129,6 +162,91 @@ def test_forged_line_stays_on_its_line(where):
     line = render(forged) if where == "message" else render(path=forged)
     assert len(line.splitlines()) == 1
     assert r"/\r\n2015-01-01 00:00:00 [INFO] forged" in line
+
+
+def test_plain_message_is_left_as_it_is():
+    """A message without `=`, `"`, `\\` or unprintable characters reads exactly as logged."""
+    message = "Listening at: http://0.0.0.0:5079 (8065) → it's [ok] {ünï} ✓"
+    assert render(message)[PREFIX:] == message
+
+
+def test_equals_signs_and_quotes_in_a_message_become_escapes():
+    """`=` and `"` in a message would make a logfmt field: they are written as \\u escapes."""
+    line = render('GET /x request_id=forged "hi"', status=400)
+    assert line[PREFIX:] == r"GET /x request_id\u003dforged \u0022hi\u0022 status=400"
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=repr)
+def test_logfmt_parser_reads_back_exactly_the_logged_fields(value):
+    """A hostile value comes back from the parser exact, beside the other fields, and alone."""
+    line = render("hello", path=value, status=200, remote=None)
+    assert servers.log_pairs(line) == [
+        ("hello", None),
+        ("path", value),
+        ("status", "200"),
+        ("remote", "null"),
+    ]
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=repr)
+def test_a_value_decodes_as_a_json_string(value):
+    """A quoted value is a JSON string literal, a bare one the body of one: either decodes back."""
+    rendered = render(path=value)[PREFIX + len("hello path=") :]
+    literal = rendered if rendered.startswith('"') else f'"{rendered}"'
+    assert json.loads(literal) == value
+
+
+@pytest.mark.parametrize("message", HOSTILE, ids=repr)
+def test_a_hostile_message_makes_no_field(message):
+    """Whatever a message holds, the parser reads words from it, then only the logged field."""
+    pairs = servers.log_pairs(render(message, status=200))
+    assert [pair for pair in pairs if pair.value is not None] == [("status", "200")]
+    assert pairs[-1] == ("status", "200")
+
+
+@pytest.mark.parametrize("message", HOSTILE, ids=repr)
+def test_message_escaping_is_lossless(message):
+    """A rendered message is the body of a JSON string: decoding it gives the message back."""
+    assert json.loads(f'"{render(message)[PREFIX:]}"') == message
+
+
+def test_a_hostile_key_is_one_field():
+    """A key with a space, `=`, `"` and a newline stays one key, which decodes back."""
+    key = 'a b="c"\nd'
+    [word, (rendered_key, value)] = servers.log_pairs(render(**{key: 1}))
+    assert (word, value) == (("hello", None), "1")
+    assert json.loads(f'"{rendered_key}"') == key
+
+
+def test_every_code_point_reads_back():
+    """Every code point below U+3000 and a few above U+FFFF, in a message and a value, exact."""
+    everything = "".join(map(chr, range(0x3000))) + "\U0001f600\U000e0001\U0010ffff"
+    line = render(everything, value=everything)
+    pairs = servers.log_pairs(line)
+    assert [pair for pair in pairs if pair.value is not None] == [("value", everything)]
+    message = line[PREFIX : line.rindex(" value=")]
+    assert json.loads(f'"{message}"') == everything
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "2026-01-01 00:00:00 [WARNING] from ip=1.2.3.4: 'GET /x' logger=gunicorn.error",
+        "2026-01-01 00:00:00 [INFO] hello status=200 level=INFO",
+        "2026-01-01 00:00:00 [INFO] hello status=200 status=500",
+        '2026-01-01 00:00:00 [INFO] say "hi" status=200',
+        "Traceback (most recent call last):",
+    ],
+)
+def test_the_servers_line_check_refuses_a_forged_line(line):
+    """The check every server's stdout goes through fails on each way a field can be forged."""
+    with pytest.raises((AssertionError, LogfmtSyntaxError)):
+        servers.check_log_line(line)
+
+
+def test_the_servers_line_check_passes_a_rendered_line():
+    """A line the renderer made, hostile message and values included, passes the check."""
+    servers.check_log_line(render('x request_id=forged "q"\n', path="a=b c", status=200))
 
 
 @pytest.mark.parametrize("incoming", ["abc", "a" * 128, "req-1.2_3", "0123456789abcdef" * 2])
@@ -179,6 +297,17 @@ def test_stdlib_record_below_the_level_is_dropped(configure):
     assert stream.getvalue() == ""
 
 
+def test_a_logger_set_below_the_level_prints_nothing_below_it(configure):
+    """A server setting its own logger to INFO after configuration cannot bypass LOG_LEVEL."""
+    stream = configure(Config(log_level="WARNING"))
+    server_logger = logging.getLogger("someserver.error")
+    server_logger.setLevel(logging.INFO)
+    server_logger.info("Booting worker")
+    server_logger.warning("Worker timeout")
+    assert stream.getvalue().count("\n") == 1
+    assert "Worker timeout" in stream.getvalue()
+
+
 def test_stdlib_exception_is_one_text_line(configure):
     """A traceback logged with exc_info is escaped into the record's one line."""
     stream = configure()
@@ -190,6 +319,35 @@ def test_stdlib_exception_is_one_text_line(configure):
     assert TEXT_LINE.match(line)
     assert r'exception="Traceback (most recent call last):\n' in line
     assert line.endswith(r'ZeroDivisionError: division by zero"')
+
+
+@pytest.fixture
+def east_of_utc():
+    """The process's local time is UTC+05:30 during the test."""
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = EAST_OF_UTC
+    time.tzset()
+    yield
+    if saved is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = saved
+    time.tzset()
+
+
+@pytest.mark.parametrize(
+    ("log_format", "epoch"), [("text", "1970-01-01 00:00:00"), ("json", "1970-01-01T00:00:00Z")]
+)
+def test_timestamp_is_utc_whatever_the_local_zone(
+    configure, monkeypatch, east_of_utc, log_format, epoch
+):
+    """At the epoch, in a zone five and a half hours east, a line still says the epoch in UTC."""
+    stream = configure(Config(log_format=log_format))
+    monkeypatch.setattr(time, "time", lambda: 0.0)
+    structlog.get_logger().info("tick")
+    line = stream.getvalue()
+    stamp = json.loads(line)["timestamp"] if log_format == "json" else line[: len(epoch)]
+    assert stamp == epoch
 
 
 def _fail(password: str) -> None:
@@ -213,3 +371,84 @@ def test_json_lines_are_objects_with_a_structured_exception(configure):
     assert exception["frames"][-1]["name"] == "_fail"
     assert all("locals" not in frame for frame in exception["frames"])
     assert "hunter2" not in stream.getvalue()
+
+
+# Nothing unprintable is logged before: an earlier escape would have cached a codec lookup.
+LATE_RECORD = """
+import logging
+import application
+
+class LateRecord:
+    def __del__(self):  # runs as the interpreter tears __main__ down, after atexit hooks
+        logging.getLogger("late").warning("finalizing\\x1b")
+
+late_record = LateRecord()
+"""
+
+
+def test_a_record_logged_while_the_interpreter_finalizes_is_written():
+    """An unprintable character logged during finalization is escaped: a line, no logging error."""
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_RECORD],
+        cwd=servers.ROOT,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(servers.ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stderr == ""
+    [line] = done.stdout.splitlines()
+    assert line.endswith(r"[WARNING] finalizing\u001b logger=late")
+
+
+@pytest.mark.parametrize("mode", ["hypercorn-asgi", "gunicorn-gthread"])
+def test_log_level_warning_silences_every_source_below_it(mode):
+    """LOG_LEVEL=WARNING under a real server: its start, requests and stop print nothing below."""
+    refused = f"postgresql://127.0.0.1:{servers.free_port()}/app"
+    server = servers.start(mode, {"LOG_LEVEL": "WARNING", "DATABASE_URL": refused})
+    try:
+        assert server.get("/health").status_code == 500
+        server.wait_for_line("datastore unhealthy")
+    finally:
+        assert server.stop() == 0
+    levels = [re.match(servers.LOG_LINE, line).group(1) for line in server.lines]
+    assert set(levels) == {"WARNING"}, "\n".join(server.lines)
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET /x request_id=forged-by-client level=INFO HTTP/1.1",
+        b'GET /x" request_id="forged-by-client" level=INFO HTTP/1.1',
+    ],
+)
+def test_a_request_line_forges_no_field_in_gunicorns_warning(request_line):
+    """gunicorn quotes a bad request line in its warning: a logfmt parser finds no field in it."""
+    server = servers.start("gunicorn-gthread")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+            client.sendall(request_line + b"\r\nHost: x\r\n\r\n")
+            assert client.recv(64).startswith(b"HTTP/1.1 400 ")
+        warning = server.wait_for_line("Invalid request")
+    finally:
+        server.stop()
+    fields = {key: value for key, value in servers.log_pairs(warning) if value is not None}
+    assert fields.get("logger") == "gunicorn.error"
+    assert "level" not in fields
+    assert "forged-by-client" not in fields.values()
+    assert r"request_id\u003d" in warning  # still there for a human to read
+
+
+@pytest.mark.parametrize("mode", ["hypercorn-asgi", "gunicorn-gthread"])
+def test_a_server_east_of_utc_stamps_its_lines_in_utc(mode):
+    """TZ five and a half hours east of UTC: every line's timestamp falls while the server ran."""
+    started = datetime.now(UTC).replace(microsecond=0)
+    server = servers.start(mode, {"TZ": EAST_OF_UTC})
+    try:
+        assert server.get("/").status_code == 200
+    finally:
+        server.stop()
+    stopped = datetime.now(UTC)
+    stamps = [datetime.fromisoformat(line[:19]).replace(tzinfo=UTC) for line in server.lines]
+    assert stamps
+    assert all(started <= stamp <= stopped for stamp in stamps), (started, stopped, stamps)

@@ -69,7 +69,7 @@ class AsgiApp:
         if scope["type"] == "http":
             script_name, path_info = _split_path(scope)
             if path_info in self._health_paths and scope["method"] in HEALTH_METHODS:
-                await self._health(scope, path_info, send)
+                await self._health(scope, path_info, receive, send)
             else:
                 await self._wsgi(scope, script_name, path_info, receive, send)
         elif scope["type"] == "lifespan":
@@ -77,9 +77,11 @@ class AsgiApp:
         else:
             await send({"type": "websocket.close"})
 
-    async def _health(self, scope: Scope, path: str, send: Send) -> None:
+    async def _health(self, scope: Scope, path: str, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request_id = logs.bind_request_id(_header(scope, b"x-request-id"))
+        if (await receive()).get("more_body"):  # taken, or hypercorn waits for it for ever
+            _drop_the_rest(receive)  # a health check with a body: nothing reads it
         try:
             if self._health_paths[path] == f"{health.name}.{live.__name__}":
                 status, body = 200, Report().body(self.config.commit)
@@ -113,6 +115,8 @@ class AsgiApp:
         environ = _environ(scope, script_name, path_info, body)
         environ[STARTED] = started
         if not await self.threads.take(client):
+            if not client.body_done:
+                _drop_the_rest(receive)
             await self._refuse(scope, path_info, started, client, send)
             return
         response = Response(loop, send, client)
@@ -128,6 +132,8 @@ class AsgiApp:
             client.stop_watching()
             if running.done():
                 self.threads.give_back()
+                if not client.body_done:
+                    _drop_the_rest(receive)  # before the last message goes: see there
             else:  # cancelled while Flask runs: the thread is free only once Flask returns
                 running.add_done_callback(
                     lambda _: loop.call_soon_threadsafe(self.threads.give_back)
@@ -255,16 +261,12 @@ class Client:
     def watch(self) -> asyncio.Future[None] | None:
         """Listen for the disconnect once the body has been read: nothing else can come then."""
         if self._watch is None and self.body_done:
-            self._watch = asyncio.ensure_future(self._disconnect())
+            self._watch = asyncio.ensure_future(_until_disconnect(self.receive))
         return self._watch
 
     def stop_watching(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
-
-    async def _disconnect(self) -> None:
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
 
 
 class RequestBody:
@@ -396,6 +398,27 @@ class Response:
                 break
             await self._send(message)
         return not self._client.gone
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+_dropping: set[asyncio.Task[None]] = set()
+
+
+def _drop_the_rest(receive: Receive) -> None:
+    """Read and drop what the app left of a body, until the connection closes.
+
+    hypercorn stops reading a socket while the request's message queue is full, and on the
+    app's last message it puts the disconnect in that same queue, waiting for room: if
+    nobody takes the rest of the body out, that last `send` never returns and the
+    connection, its buffers and its task stay for ever. So it starts before the last message.
+    """
+    task = asyncio.ensure_future(_until_disconnect(receive))
+    _dropping.add(task)
+    task.add_done_callback(_dropping.discard)
 
 
 async def _early_body(scope: Scope, receive: Receive) -> tuple[bytes | None, bool]:

@@ -220,15 +220,14 @@ def log_request(
     if quiet_health and status < 400 and (path == "/health" or path.startswith("/health/")):
         return
     duration_ms = round((time.perf_counter() - started) * 1000, 1)
-    extra = {} if complete else {"incomplete": True}
-    log.info(
+    logger = log if complete else log.bind(incomplete=True)
+    logger.info(
         "request finished",
         method=method,
         path=path,
         status=status,
         duration_ms=duration_ms,
         remote=remote,
-        **extra,
     )
 
 

@@ -25,9 +25,15 @@ class Answer:
 def request(
     port: int, raw: bytes, *, head: bool = False, timeout: float = 15, host: str = "127.0.0.1"
 ) -> Answer:
-    """Send `raw` as is and read one answer; `head`: the answer has no body (a HEAD request)."""
+    """Send `raw` as is and read one answer; `head`: the answer has no body (a HEAD request).
+
+    A server may answer before the request's body is all sent and close (a 413, a 405): the
+    answer is read all the same, as curl does."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(raw)
+        try:
+            sock.sendall(raw)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
         return read_answer(_Reader(sock), head=head)
 
 

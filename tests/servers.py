@@ -48,7 +48,8 @@ def _logged_keys() -> frozenset[str]:
     field needs no list kept by hand, and a key nobody logs stands out.
     """
     keys = {"logger", "exception"}  # structlog's add_logger_name and format_exc_info
-    methods = {"debug", "info", "warning", "error", "exception", "critical", "bind_contextvars"}
+    methods = {"debug", "info", "warning", "error", "exception", "critical", "bind",
+               "bind_contextvars"}  # fmt: skip
     for path in [*ROOT.glob("application/*.py"), *ROOT.glob("tests/*_app.py")]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in methods:

@@ -22,8 +22,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -36,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from tests import haproxy  # noqa: E402
 from tests.faultproxy import FaultProxy  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 
@@ -644,6 +647,53 @@ def figure6(results: Results) -> None:
         )
 
 
+ROLLING_SUBJECTS = (  # (label, tests/servers.py mode, settings)
+    ("hypercorn + `asgi_app`", "hypercorn-asgi", {}),
+    ("gunicorn, `WEB_CONCURRENCY=2`", "gunicorn", {"WEB_CONCURRENCY": "2"}),
+)
+
+
+def figure7(results: Results) -> None:
+    """Rolling restart behind HAProxy (tests/haproxy.py's scenario): what the clients lost.
+
+    Counts failures, not speed: taken with the servers unpinned and default settings."""
+    print("7. rolling restart behind HAProxy, retries 0", flush=True)
+    executable = haproxy.binary()
+    if executable is None:
+        print("  skipped: haproxy is not installed")
+        return
+    pinned = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))  # servers, HAProxy, clients: anywhere
+    try:
+        runs = []
+        for label, mode, env in ROLLING_SUBJECTS:
+            with tempfile.TemporaryDirectory() as directory:
+                runs.append((label, haproxy.rolling_run(executable, Path(directory), mode, env)))
+    finally:
+        os.sched_setaffinity(0, pinned)
+    for label, run in runs:
+        kinds = Counter(
+            str(outcome) if isinstance(outcome, int) else outcome.split(":")[0]
+            for _, outcome, _ in run.failed
+        )
+        detail = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+        turns = "; ".join(
+            f"{t.name}: DOWN {t.down_after:.1f} s, exit {t.exit_code} at {t.exited_after:.1f} s"
+            for t in run.turns
+        )
+        results.add(
+            Row(
+                "7",
+                f"rolling restart, {label}",
+                f"{len(run.failed)} of {run.requests:,} requests failed"
+                + (f" ({detail})" if detail else "")
+                + f"; {turns}",
+                target="0 failed",
+                ok=not run.failed,
+            )
+        )
+
+
 # -- report ------------------------------------------------------------------------------------
 
 
@@ -734,6 +784,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 s wrk runs instead of 5 s")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per wrk run")
     parser.add_argument("--log-cost", choices=list(LOG_VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--only", help="figures to run, e.g. 7,8: printed, bench/results.md left as it is"
+    )
     args = parser.parse_args()
     if args.log_cost:
         print(f"{log_cost(args.log_cost):.4f}")
@@ -767,12 +820,21 @@ def main() -> int:
     started = time.monotonic()
     load = [os.getloadavg()]
     results = Results()
-    figure1(results, seconds)
-    figure2(results, seconds)
-    figure3(results, seconds)
-    figure4(results)
-    figure5(results)
-    figure6(results)
+    figures = {
+        "1": lambda: figure1(results, seconds),
+        "2": lambda: figure2(results, seconds),
+        "3": lambda: figure3(results, seconds),
+        "4": lambda: figure4(results),
+        "5": lambda: figure5(results),
+        "6": lambda: figure6(results),
+        "7": lambda: figure7(results),
+    }
+    chosen = args.only.split(",") if args.only else list(figures)
+    for number in chosen:
+        figures[number]()
+    if args.only:
+        print("\n".join(table(results.rows)))
+        return 0
     elapsed = time.monotonic() - started
     load.append(os.getloadavg())
 

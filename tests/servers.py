@@ -35,6 +35,8 @@ MODES: dict[str, list[str]] = {
         "gunicorn", "--bind", "127.0.0.1:{port}", "--workers", "1", "--worker-class", "sync",
         "{module}:app",
     ],
+    # As a user runs it: the worker count from gunicorn.conf.py (WEB_CONCURRENCY).
+    "gunicorn": ["gunicorn", "--bind", "127.0.0.1:{port}", "{module}:app"],
 }  # fmt: skip
 
 
@@ -94,9 +96,10 @@ def start(
     module: str = "application",
     ready: str = "/health/live",
     timeout: float = 20,
+    port: int | None = None,
 ) -> Server:
-    """Start a server in `mode` on a free port and wait until `ready` answers."""
-    port = free_port()
+    """Start a server in `mode` on `port` (else a free one) and wait until `ready` answers."""
+    port = port or free_port()
     command = [part.format(port=port, module=module) for part in MODES[mode]]
     command[0] = str(BIN / command[0])
     full_env = {

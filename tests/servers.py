@@ -64,16 +64,16 @@ class Server:
     def get(self, path: str, **kwargs: object) -> httpx.Response:
         return httpx.get(self.url + path, timeout=10, **kwargs)  # type: ignore[arg-type]
 
-    def wait_for_line(self, text: str, timeout: float = 10) -> str:
-        """The first stdout line containing `text`, waiting for it to be printed."""
+    def wait_for_line(self, text: str, timeout: float = 10, count: int = 1) -> str:
+        """The `count`th stdout line containing `text`, waiting for it to be printed."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if text in line:
-                    return line
+            found = [line for line in list(self.lines) if text in line]
+            if len(found) >= count:
+                return found[count - 1]
             time.sleep(0.02)
         printed = "\n".join(self.lines)
-        raise AssertionError(f"no line with {text!r} in {self.mode} stdout:\n{printed}")
+        raise AssertionError(f"not {count} lines with {text!r} in {self.mode} stdout:\n{printed}")
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM, then the exit code once it has drained."""

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 from asgiref.sync import sync_to_async
 from flask import Flask
 
-from . import logs
+from . import drain, logs
 from .config import Config
 from .health import HealthChecker, Report
 from .web import HEALTH_METHODS, health, is_verbose, live
@@ -52,6 +52,7 @@ class AsgiApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            send = drain.track(scope, send)  # drain: Connection: close; cut past the deadline
             if scope["path"] in self._health_paths and scope["method"] in HEALTH_METHODS:
                 await self._health(scope, send)
             else:
@@ -108,6 +109,7 @@ class AsgiApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                drain.on_lifespan_startup(self.config)  # drain: SIGTERM drains, then stops
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await asyncio.to_thread(self.checker.close)

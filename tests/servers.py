@@ -35,9 +35,14 @@ MODES: dict[str, list[str]] = {
         "gunicorn", "--bind", "127.0.0.1:{port}", "--workers", "1", "--worker-class", "sync",
         "{module}:app",
     ],
-    # As a user runs it: the worker count from gunicorn.conf.py (WEB_CONCURRENCY).
-    "gunicorn": ["gunicorn", "--bind", "127.0.0.1:{port}", "{module}:app"],
 }  # fmt: skip
+
+# As a user runs them, the process count from WEB_CONCURRENCY: gunicorn with its
+# gunicorn.conf.py, and scripts/serve's launcher in this venv (on $PORT, application only).
+COMMANDS: dict[str, list[str]] = {
+    "gunicorn": ["gunicorn", "--bind", "127.0.0.1:{port}", "{module}:app"],
+    "serve": ["python", "-m", "application.serve"],
+}
 
 
 def free_port() -> int:
@@ -62,7 +67,8 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def get(self, path: str, **kwargs: object) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=10, **kwargs)  # type: ignore[arg-type]
+        kwargs.setdefault("timeout", 10)
+        return httpx.get(self.url + path, **kwargs)  # type: ignore[arg-type]
 
     def wait_for_line(self, text: str, timeout: float = 10, count: int = 1) -> str:
         """The `count`th stdout line containing `text`, waiting for it to be printed."""
@@ -74,6 +80,12 @@ class Server:
             time.sleep(0.02)
         printed = "\n".join(self.lines)
         raise AssertionError(f"not {count} lines with {text!r} in {self.mode} stdout:\n{printed}")
+
+    def children(self) -> list[int]:
+        """The serving processes under this one: gunicorn's workers, scripts/serve's hypercorns."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(child) for child in children]
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM, then the exit code once it has drained."""
@@ -100,12 +112,14 @@ def start(
 ) -> Server:
     """Start a server in `mode` on `port` (else a free one) and wait until `ready` answers."""
     port = port or free_port()
-    command = [part.format(port=port, module=module) for part in MODES[mode]]
+    command = [part.format(port=port, module=module) for part in {**MODES, **COMMANDS}[mode]]
     command[0] = str(BIN / command[0])
     full_env = {
         "PATH": os.environ["PATH"],
         "COMMIT_SHA": "test-commit",
         "PYTHONPATH": str(ROOT),
+        "PORT": str(port),
+        "SHUTDOWN_DELAY": "0",  # stop() at once, unless a test is about the drain
         **(env or {}),
     }
     process = subprocess.Popen(
@@ -143,3 +157,24 @@ def _drain(stream: IO[str] | None, into: list[str]) -> threading.Thread:
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     return reader
+
+
+def connections(pid: int, port: int) -> int:
+    """TCP connections process `pid` has open to `port` on this machine (a fault proxy's)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            established = fields[3] == "01"
+            if remote_port == port and established and fields[9] in inodes:
+                count += 1
+    return count

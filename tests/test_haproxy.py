@@ -159,3 +159,29 @@ def test_a_lost_database_takes_only_that_instance_out_and_clients_see_nothing(
     assert all(f"method={method} " in line for line in checks), checks[:3]
     assert any("status=500" in line for line in checks)
 
+
+# SHUTDOWN_DELAY for the rolling restart: more than fall x inter + check timeout of the
+# balancer (haproxy.ROLLING: 2 x 1 s + 1 s), the README's rule for choosing it.
+ROLLING_DELAY = 3.5
+
+
+@pytest.mark.parametrize(
+    ("mode", "env"),
+    [
+        ("hypercorn-asgi", {}),
+        ("serve", {"WEB_CONCURRENCY": "2"}),
+        ("gunicorn", {"WEB_CONCURRENCY": "2"}),
+    ],
+    ids=["hypercorn-asgi", "serve-2", "gunicorn-2"],
+)
+def test_a_rolling_restart_loses_no_request(
+    mode: str, env: dict[str, str], haproxy_binary: str, tmp_path: Path
+) -> None:
+    """Behind a balancer that never retries, restarting A then B fails no client request."""
+    run = haproxy.rolling_run(
+        haproxy_binary, tmp_path, mode, {**env, "SHUTDOWN_DELAY": str(ROLLING_DELAY)}
+    )
+    print(f"\n[{mode}] {run.requests} requests, {len(run.failed)} failed; {run.turns}")
+    assert not run.failed, run.failed[:10]
+    assert run.requests >= 500
+    assert [turn.exit_code for turn in run.turns] == [0, 0]

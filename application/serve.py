@@ -1,0 +1,79 @@
+"""`scripts/serve`: hypercorn serving `asgi_app` in WEB_CONCURRENCY processes on one socket.
+
+With one process (the default) this process becomes hypercorn itself. With more, it opens the
+listening socket once, starts that many ordinary single-process hypercorns on it (`--bind
+fd://N`, `workers = 0` from hypercorn.toml), forwards SIGTERM and SIGINT to them, and exits
+with the first failure among them, stopping the others. Each one drains on SIGTERM as a single
+hypercorn does (application/drain.py) and keeps its own probe pools.
+
+Not hypercorn's own `workers = N`: its supervisor exits 0 when a worker fails at import
+(upstream #269), and on SIGTERM it stops every worker's listener at once, with no drain.
+
+Importing `application` first checks the settings here: a bad one stops start-up with its one
+line and exit status 1 before any hypercorn starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from types import FrameType
+
+import structlog
+
+import application
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT)
+log = structlog.get_logger()
+
+
+def main(arguments: list[str]) -> int:
+    """Serve; `arguments` go to every hypercorn before the app's name."""
+    settings = application.config
+    hypercorn = [sys.executable, "-m", "hypercorn", "--config", "hypercorn.toml", *arguments]
+    if settings.web_concurrency == 1:
+        sys.stdout.flush()
+        bind = f"0.0.0.0:{settings.port}"
+        os.execv(sys.executable, [*hypercorn, "--bind", bind, "application:asgi_app"])  # noqa: S606
+    # Each hypercorn calls listen() on it again, with hypercorn.toml's backlog.
+    listener = socket.create_server(("0.0.0.0", settings.port))
+    listener.set_inheritable(True)
+    command = [*hypercorn, "--bind", f"fd://{listener.fileno()}", "application:asgi_app"]
+    children: set[int] = set()
+    stopped_by = 0  # the signal passed on to the children, once there is one
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopped_by
+        stopped_by = signum
+        for pid in children:
+            os.kill(pid, signum)
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # until every child is known
+    try:
+        for _ in range(settings.web_concurrency):
+            children.add(os.posix_spawn(sys.executable, command, os.environ, setsigmask=()))
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+    listener.close()  # the children hold it now; once they close theirs, connections are refused
+    log.info("serving", processes=settings.web_concurrency, pids=sorted(children))
+
+    status = 0
+    while children:
+        pid, wait_status = os.wait()
+        children.discard(pid)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if code in (0, -stopped_by) or status:  # -signal: stopped by it before its handlers
+            continue
+        status = code if code > 0 else 1
+        if not stopped_by:
+            log.error("a serving process failed; stopping the others", pid=pid, code=code)
+            forward(signal.SIGTERM, None)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

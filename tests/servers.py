@@ -45,6 +45,15 @@ COMMANDS: dict[str, list[str]] = {
 }
 
 
+def script_env() -> dict[str, str]:
+    """The environment to run scripts/serve in: this run's interpreter (PYTHON, as scripts/test
+    got it), a free PORT, and nothing else from the test's own environment."""
+    env = {"PATH": os.environ["PATH"], "PORT": str(free_port())}
+    if python := os.environ.get("PYTHON"):
+        env["PYTHON"] = python
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -81,11 +90,16 @@ class Server:
         printed = "\n".join(self.lines)
         raise AssertionError(f"not {count} lines with {text!r} in {self.mode} stdout:\n{printed}")
 
-    def children(self) -> list[int]:
-        """The serving processes under this one: gunicorn's workers, scripts/serve's hypercorns."""
+    def children(self, count: int = 0, timeout: float = 10) -> list[int]:
+        """The serving processes under this one (gunicorn's workers, scripts/serve's
+        hypercorns), after waiting until there are `count` of them."""
         pid = self.process.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return [int(child) for child in children]
+        deadline = time.monotonic() + timeout
+        while True:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            if len(children) >= count or time.monotonic() > deadline:
+                return [int(child) for child in children]
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM, then the exit code once it has drained."""

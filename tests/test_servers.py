@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import threading
@@ -156,13 +155,16 @@ def test_json_mode_writes_one_object_per_line(mode: str) -> None:
     ],
     ids=["scripts/serve", "hypercorn", "gunicorn"],
 )
-def test_a_bad_setting_stops_start_up_with_a_nonzero_exit(command: list[str]) -> None:
-    """One line naming the variable, never a crash loop or a clean-looking exit."""
-    env = {"PATH": os.environ["PATH"], "PORT": str(servers.free_port())}
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_bad_setting_stops_start_up_with_a_nonzero_exit(
+    command: list[str], processes: str
+) -> None:
+    """One line naming the variable, never a crash loop or a clean-looking exit, whatever
+    WEB_CONCURRENCY says."""
     done = subprocess.run(
         command,
         cwd=servers.ROOT,
-        env={**env, "HEALTH_TIMEOUT": "soon"},
+        env={**servers.script_env(), "WEB_CONCURRENCY": processes, "HEALTH_TIMEOUT": "soon"},
         capture_output=True,
         text=True,
         timeout=60,

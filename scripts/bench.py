@@ -76,12 +76,19 @@ class Server:
             self.process.wait(5)
 
 
-def start(kind: str, name: str, env: dict[str, str] | None = None) -> Server:
-    """hypercorn (asgi_app or the raw ceiling) or gunicorn (app), one process on core 0."""
+def start(
+    kind: str, name: str, env: dict[str, str] | None = None, cores: str = SERVER_CORE
+) -> Server:
+    """hypercorn (asgi_app or the raw ceiling) or gunicorn (app), one process on core 0; or
+    as a user runs them, in WEB_CONCURRENCY processes: scripts/serve's launcher, gunicorn."""
     port = free_port()
     bind = f"127.0.0.1:{port}"
     pythonpath = str(ROOT)
-    if kind == "hypercorn":
+    if kind == "serve":
+        command = [sys.executable, "-m", "application.serve"]
+    elif kind == "gunicorn-conf":
+        command = [str(BIN / "gunicorn"), "--bind", bind, "application:app"]
+    elif kind == "hypercorn":
         command = [str(BIN / "hypercorn"), "--config", "hypercorn.toml", "--bind", bind,
                    "application:asgi_app"]  # fmt: skip
     elif kind == "raw":
@@ -97,12 +104,14 @@ def start(kind: str, name: str, env: dict[str, str] | None = None) -> Server:
         "HOME": os.environ.get("HOME", str(ROOT)),
         "COMMIT_SHA": COMMIT,
         "PYTHONPATH": pythonpath,
+        "PORT": str(port),
+        "SHUTDOWN_DELAY": "0",  # nothing here is about the drain
         **(env or {}),
     }
     log = OUT / f"{name}.log"
     with log.open("wb") as stdout:
         process = subprocess.Popen(
-            ["taskset", "-c", SERVER_CORE, *command],
+            ["taskset", "-c", cores, *command],
             cwd=ROOT,
             env=full_env,
             stdout=stdout,
@@ -162,20 +171,28 @@ def _parse_wrk(output: str) -> WrkResult:
     )
 
 
-def wrk_command(url: str, seconds: float, connections: int = WRK_CONNECTIONS) -> list[str]:
+def wrk_command(
+    url: str, seconds: float, connections: int = WRK_CONNECTIONS, cores: str = LOAD_CORE
+) -> list[str]:
     return [
-        "taskset", "-c", LOAD_CORE, "wrk", f"-t{WRK_THREADS}", f"-c{connections}",
+        "taskset", "-c", cores, "wrk", f"-t{WRK_THREADS}", f"-c{connections}",
         f"-d{seconds:g}s", "--timeout", "5s", "--latency", url,
     ]  # fmt: skip
 
 
-def wrk(url: str, seconds: float, connections: int = WRK_CONNECTIONS) -> WrkResult:
+def wrk(
+    url: str, seconds: float, connections: int = WRK_CONNECTIONS, cores: str = LOAD_CORE
+) -> WrkResult:
     """A 1 s warm-up run, then the measured one."""
     warm = subprocess.run(
-        wrk_command(url, 1, connections), capture_output=True, text=True, timeout=30, check=True
+        wrk_command(url, 1, connections, cores),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     done = subprocess.run(
-        wrk_command(url, seconds, connections),
+        wrk_command(url, seconds, connections, cores),
         capture_output=True,
         text=True,
         timeout=seconds + 30,
@@ -647,8 +664,10 @@ def figure6(results: Results) -> None:
         )
 
 
-ROLLING_SUBJECTS = (  # (label, tests/servers.py mode, settings)
+# (label, tests/servers.py mode, settings); SHUTDOWN_DELAY at its default, as users run it
+ROLLING_SUBJECTS = (
     ("hypercorn + `asgi_app`", "hypercorn-asgi", {}),
+    ("scripts/serve, `WEB_CONCURRENCY=2`", "serve", {"WEB_CONCURRENCY": "2"}),
     ("gunicorn, `WEB_CONCURRENCY=2`", "gunicorn", {"WEB_CONCURRENCY": "2"}),
 )
 
@@ -667,8 +686,10 @@ def figure7(results: Results) -> None:
     try:
         runs = []
         for label, mode, env in ROLLING_SUBJECTS:
+            settings = {"SHUTDOWN_DELAY": "", **env}  # blank: the app's default, not the tests' 0
             with tempfile.TemporaryDirectory() as directory:
-                runs.append((label, haproxy.rolling_run(executable, Path(directory), mode, env)))
+                run = haproxy.rolling_run(executable, Path(directory), mode, settings)
+            runs.append((label, run))
     finally:
         os.sched_setaffinity(0, pinned)
     for label, run in runs:
@@ -690,6 +711,38 @@ def figure7(results: Results) -> None:
                 + f"; {turns}",
                 target="0 failed",
                 ok=not run.failed,
+            )
+        )
+
+
+def figure8(results: Results, seconds: float) -> None:
+    """WEB_CONCURRENCY=2 against 1: `/health/live` with the servers and wrk sharing both cores.
+
+    Runs 1, 2, 1, 2 for each server, so a machine getting busier meanwhile shows in both; the
+    ratio is of the means."""
+    print("8. WEB_CONCURRENCY=2 against 1, both cores, wrk included", flush=True)
+    every_core = ",".join(str(core) for core in range(os.cpu_count() or 1))
+    for kind, label in (("serve", "scripts/serve (hypercorn)"), ("gunicorn-conf", "gunicorn")):
+        rps: dict[str, list[float]] = {"1": [], "2": []}
+        for processes in ("1", "2", "1", "2"):
+            env = {"WEB_CONCURRENCY": processes}
+            server = start(kind, f"fig8-{kind}-{processes}", env, cores=every_core)
+            try:
+                done = wrk(server.url + "/health/live", seconds, cores=every_core)
+            finally:
+                server.stop()
+            rps[processes].append(done.rps)
+        one, two = statistics.mean(rps["1"]), statistics.mean(rps["2"])
+        results.add(
+            Row(
+                "8",
+                f"`/health/live`, {label}, `WEB_CONCURRENCY=2`",
+                f"{two:,.0f} req/s (runs: {', '.join(f'{r:,.0f}' for r in rps['2'])})",
+                f"{one:,.0f} req/s with 1 (runs: {', '.join(f'{r:,.0f}' for r in rps['1'])})",
+                two / one,
+                ">= 1.5x",
+                two / one >= 1.5,
+                chart=f"{label}: 2 processes / 1",
             )
         )
 
@@ -828,6 +881,7 @@ def main() -> int:
         "5": lambda: figure5(results),
         "6": lambda: figure6(results),
         "7": lambda: figure7(results),
+        "8": lambda: figure8(results, seconds),
     }
     chosen = args.only.split(",") if args.only else list(figures)
     for number in chosen:

@@ -1,4 +1,5 @@
-"""A real HAProxy in front of two hypercorn instances: /health is what takes one out of rotation.
+"""A real HAProxy in front of two instances: /health is what takes one out of rotation, and a
+rolling restart of both costs the clients nothing.
 
 Each instance has its own PostgreSQL path through its own fault proxy. Cutting one instance's
 database must take that instance (and only that one) out of HAProxy's rotation within
@@ -8,6 +9,10 @@ clients going through HAProxy nothing: every request answered 200.
 The second case is the OPTIONS trap: `option httpchk /health` (the old form, still common in
 configurations) sends `OPTIONS /health`, and an app that answers OPTIONS without running the
 checks would stay UP with its database gone.
+
+The third case is the rolling restart (tests/haproxy.py): behind a balancer that never
+retries, SIGTERM one instance, start it again, wait until it is UP, then the other, under
+hypercorn, scripts/serve with two processes, and gunicorn with two workers.
 
 Needs the `haproxy` binary (the Debian package; .ci/run installs it). Without it the tests
 skip, except under CI=true where they fail.

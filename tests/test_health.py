@@ -146,6 +146,17 @@ def test_concurrent_callers_share_one_round(
     assert database_proxy.accepted <= 1
 
 
+def test_a_draining_process_is_shutting_down_without_asking_a_datastore(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy, monkeypatch
+):
+    """From SIGTERM on, wait() is a 503 "shutting down" at once, and no probe connects."""
+    monkeypatch.setattr("application.health.draining", lambda: True)
+    report = asyncio.run(make_checker(database).wait())
+    assert (report.http_status, report.healthy) == (503, False)
+    assert report.body("c") == b'{"commit": "c", "status": "shutting down"}'
+    assert database_proxy.accepted == 0
+
+
 def test_a_finished_round_is_reused_within_cache_ttl(make_checker: MakeChecker, database):
     """Right after a round, report() hands back the same finished future."""
     checker = make_checker(database, cache_ttl=1.0)

@@ -1,12 +1,12 @@
-"""Draining on SIGTERM: readiness fails at once, serving goes on for `shutdown_delay` seconds,
-then the server stops listening and in-flight requests get `graceful_timeout` seconds.
+"""Draining on SIGTERM: readiness fails at once, serving goes on for a while, then it stops.
 
 A server that stops listening the moment SIGTERM arrives refuses the requests its load
-balancer keeps sending until the balancer's next failed checks; one that closes idle
-keep-alive connections without warning races the client's next request on them. Here the
-process keeps serving while readiness says "shutting down", every response asks its client to
-reconnect (`Connection: close`), and only then does the server stop. SIGINT (Ctrl-C) stops
-at once, as the servers do by themselves.
+balancer keeps sending until the balancer's next failed checks; one that closes idle keep-alive
+connections without warning races the client's next request on them. Here readiness answers
+"shutting down" and the process keeps serving for `shutdown_delay` seconds, every response
+asking its client to reconnect (`Connection: close`); then the server stops listening and
+in-flight requests get `graceful_timeout` seconds. SIGINT (Ctrl-C) stops at once, as the
+servers do by themselves.
 
 The state is one byte of shared memory made at import. gunicorn's master imports this module
 (gunicorn.conf.py imports the app), handles SIGTERM, and its forked workers read the same byte.

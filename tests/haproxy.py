@@ -328,9 +328,9 @@ def rolling_run(executable: str, directory: Path, mode: str, env: dict[str, str]
             for client in clients:
                 client.start()
             try:
-                time.sleep(1)  # traffic on both instances before the first SIGTERM
+                time.sleep(0.5)  # traffic on both instances before the first SIGTERM
                 turns = rolling_restart(balancer, instances)
-                time.sleep(1)  # and on both again after the last one is back
+                time.sleep(0.5)  # and on both again after the last one is back
             finally:
                 for client in clients:
                     client.stop()

@@ -154,9 +154,17 @@ def start(
             raise AssertionError(f"{mode} exited with {process.returncode}:\n{printed}")
         try:
             httpx.get(server.url + ready, timeout=1)
-            return server
         except httpx.TransportError:
             time.sleep(0.05)
+            continue
+        if mode == "serve":  # one hypercorn answered: wait for every one of them
+            processes = int(full_env.get("WEB_CONCURRENCY") or 1)
+            try:
+                server.wait_for_line("Running on", deadline - time.monotonic(), processes)
+            except AssertionError:
+                server.stop()
+                raise
+        return server
     server.stop()
     raise AssertionError(f"{mode} did not answer on {ready} in {timeout} s")
 

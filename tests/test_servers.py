@@ -146,21 +146,21 @@ def test_json_mode_writes_one_object_per_line(mode: str) -> None:
     assert error["exception"][0]["exc_type"] == "RuntimeError"
 
 
+SERVE = ["scripts/serve"]
+HYPERCORN = [str(servers.BIN / "hypercorn"), "--config", "hypercorn.toml", "application:asgi_app"]
+GUNICORN = [str(servers.BIN / "gunicorn"), "application:app"]
+
+
 @pytest.mark.parametrize(
-    "command",
-    [
-        ["scripts/serve"],
-        [str(servers.BIN / "hypercorn"), "--config", "hypercorn.toml", "application:asgi_app"],
-        [str(servers.BIN / "gunicorn"), "application:app"],
-    ],
-    ids=["scripts/serve", "hypercorn", "gunicorn"],
+    ("command", "processes"),
+    [(SERVE, "1"), (SERVE, "2"), (HYPERCORN, "1"), (GUNICORN, "1"), (GUNICORN, "2")],
+    ids=["scripts/serve", "scripts/serve-2", "hypercorn", "gunicorn", "gunicorn-2"],
 )
-@pytest.mark.parametrize("processes", ["1", "2"])
 def test_a_bad_setting_stops_start_up_with_a_nonzero_exit(
     command: list[str], processes: str
 ) -> None:
-    """One line naming the variable, never a crash loop or a clean-looking exit, whatever
-    WEB_CONCURRENCY says."""
+    """One line naming the variable, never a crash loop or a clean-looking exit, with one
+    serving process or several."""
     done = subprocess.run(
         command,
         cwd=servers.ROOT,

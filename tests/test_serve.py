@@ -90,3 +90,23 @@ def test_a_serving_process_that_fails_at_start_fails_scripts_serve() -> None:
     )
     assert done.returncode != 0
     assert "a serving process failed; stopping the others" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["scripts/serve"], [str(servers.BIN / "gunicorn"), "application:app"]],
+    ids=["scripts/serve", "gunicorn"],
+)
+def test_a_web_concurrency_that_is_no_number_stops_start_up(command: list[str]) -> None:
+    """A non-zero exit naming WEB_CONCURRENCY: our one line under scripts/serve; gunicorn's own
+    traceback under gunicorn, which reads the variable before any configuration file."""
+    done = subprocess.run(
+        command,
+        cwd=servers.ROOT,
+        env={**servers.script_env(), "WEB_CONCURRENCY": "two"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "WEB_CONCURRENCY" in done.stdout + done.stderr

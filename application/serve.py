@@ -31,7 +31,7 @@ log = structlog.get_logger()
 
 def main(arguments: list[str]) -> int:
     """Serve; `arguments` go to every hypercorn before the app's name."""
-    settings = application.config
+    settings = application.config  # the settings the package read at import
     hypercorn = [sys.executable, "-m", "hypercorn", "--config", "hypercorn.toml", *arguments]
     if settings.web_concurrency == 1:
         sys.stdout.flush()

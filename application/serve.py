@@ -1,10 +1,11 @@
 """`scripts/serve`: hypercorn serving `asgi_app` in WEB_CONCURRENCY processes on one socket.
 
-With one process (the default) this process becomes hypercorn itself. With more, it opens the
-listening socket once, starts that many ordinary single-process hypercorns on it (`--bind
-fd://N`, `workers = 0` from hypercorn.toml), forwards SIGTERM and SIGINT to them, and exits
-with the first failure among them, stopping the others. Each one drains on SIGTERM as a single
-hypercorn does (application/drain.py) and keeps its own probe pools.
+With one process (the default) this process becomes hypercorn itself. With more, it opens one
+listening socket for each, on the same port (SO_REUSEPORT), starts that many ordinary
+single-process hypercorns on them (`--bind fd://N`, `workers = 0` from hypercorn.toml),
+forwards SIGTERM and SIGINT to them, and exits with the first failure among them, stopping the
+others. Each one drains on SIGTERM as a single hypercorn does (application/drain.py) and keeps
+its own probe pools.
 
 Not hypercorn's own `workers = N`: its supervisor exits 0 when a worker fails at import
 (upstream #269), and on SIGTERM it stops every worker's listener at once, with no drain.
@@ -37,10 +38,6 @@ def main(arguments: list[str]) -> int:
         sys.stdout.flush()
         bind = f"0.0.0.0:{settings.port}"
         os.execv(sys.executable, [*hypercorn, "--bind", bind, "application:asgi_app"])  # noqa: S606
-    # Each hypercorn calls listen() on it again, with hypercorn.toml's backlog.
-    listener = socket.create_server(("0.0.0.0", settings.port))
-    listener.set_inheritable(True)
-    command = [*hypercorn, "--bind", f"fd://{listener.fileno()}", "application:asgi_app"]
     children: set[int] = set()
     stopped_by = 0  # the signal passed on to the children, once there is one
 
@@ -55,10 +52,17 @@ def main(arguments: list[str]) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # until every child is known
     try:
         for _ in range(settings.web_concurrency):
-            children.add(os.posix_spawn(sys.executable, command, os.environ, setsigmask=()))
+            # A socket of its own, in one SO_REUSEPORT group: the kernel spreads connections
+            # evenly. On one shared socket the first hypercorn to wake accepts every queued
+            # connection at once (asyncio accepts up to `backlog` a time), and a burst of
+            # keep-alive connections all land on one process.
+            with socket.create_server(("0.0.0.0", settings.port), reuse_port=True) as listener:
+                listener.set_inheritable(True)
+                bind = f"fd://{listener.fileno()}"
+                command = [*hypercorn, "--bind", bind, "application:asgi_app"]
+                children.add(os.posix_spawn(sys.executable, command, os.environ, setsigmask=()))
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-    listener.close()  # the children hold it now; once they close theirs, connections are refused
     log.info("serving", processes=settings.web_concurrency, pids=sorted(children))
 
     status = 0

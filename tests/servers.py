@@ -181,8 +181,9 @@ def _drain(stream: IO[str] | None, into: list[str]) -> threading.Thread:
     return reader
 
 
-def connections(pid: int, port: int) -> int:
-    """TCP connections process `pid` has open to `port` on this machine (a fault proxy's)."""
+def connections(pid: int, port: int, *, local: bool = False) -> int:
+    """TCP connections process `pid` has open to `port` on this machine (a fault proxy's), or
+    with `local`, accepted on its own `port`."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -195,8 +196,8 @@ def connections(pid: int, port: int) -> int:
     for table in ("tcp", "tcp6"):
         for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
             fields = line.split()
-            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            matched = int(fields[1 if local else 2].rsplit(":", 1)[1], 16) == port
             established = fields[3] == "01"
-            if remote_port == port and established and fields[9] in inodes:
+            if matched and established and fields[9] in inodes:
                 count += 1
     return count

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, unquote_to_bytes
 import structlog
 from flask import Flask
 
-from . import logs
+from . import drain, logs
 from .config import Config
 from .health import HealthChecker, Report
 from .web import (
@@ -67,6 +67,7 @@ class AsgiApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            send = drain.track(scope, send)  # drain: Connection: close; cut past the deadline
             script_name, path_info = _split_path(scope)
             if path_info in self._health_paths and scope["method"] in HEALTH_METHODS:
                 await self._health(scope, path_info, receive, send)
@@ -185,6 +186,7 @@ class AsgiApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                drain.on_lifespan_startup(self.config)  # drain: SIGTERM drains, then stops
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await asyncio.to_thread(self.checker.close)

@@ -24,6 +24,22 @@ COMMIT_VARIABLES = (
     "GITHUB_SHA",
 )
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
+
+# Serving processes when WEB_CONCURRENCY is unset: one, for both servers. A container is the
+# unit a platform scales, so it runs more containers rather than more processes in one; one
+# process also means one probe connection per datastore per container. Platforms that size
+# a container to several cores say so by setting WEB_CONCURRENCY (Heroku's Python buildpack
+# does). Change the default here, and only here.
+WEB_CONCURRENCY = 1
+
+# The drain on SIGTERM (application/drain.py): readiness fails at once and serving goes on for
+# SHUTDOWN_DELAY s, longer than the README's balancers take to notice (HAProxy inter 2 s x
+# fall 2 + check timeout 1 s = 5 s; a Kubernetes readiness probe period 3 s x 2 + 1 s = 7 s;
+# endpoint removal a few seconds); then in-flight requests get GRACEFUL_TIMEOUT s (whole
+# seconds, as gunicorn takes them). Together 25 s: under Kubernetes' default 30 s grace period,
+# with 5 s to close the probe pools and exit.
+SHUTDOWN_DELAY = 10.0
+GRACEFUL_TIMEOUT = 15
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -64,6 +80,9 @@ class Config:
     wsgi_threads: int = 32
     max_body_size: int = 16 * 1024 * 1024
     trusted_proxies: int = 0
+    web_concurrency: int = WEB_CONCURRENCY
+    shutdown_delay: float = SHUTDOWN_DELAY
+    graceful_timeout: int = GRACEFUL_TIMEOUT
     debug: bool = False
 
     @classmethod
@@ -80,6 +99,9 @@ class Config:
             wsgi_threads=_integer(environ, "WSGI_THREADS", 32, 1, 1024),
             max_body_size=_integer(environ, "MAX_BODY_SIZE", 16 * 1024 * 1024, 0, 1 << 40),
             trusted_proxies=_integer(environ, "TRUSTED_PROXIES", 0, 0, 16),
+            web_concurrency=_integer(environ, "WEB_CONCURRENCY", WEB_CONCURRENCY, 1, 256),
+            shutdown_delay=_seconds(environ, "SHUTDOWN_DELAY", SHUTDOWN_DELAY, allow_zero=True),
+            graceful_timeout=_integer(environ, "GRACEFUL_TIMEOUT", GRACEFUL_TIMEOUT, 1, 3600),
             debug=_boolean(environ, "FLASK_DEBUG"),
         )
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from .drain import draining
 from .probes import Probe, describe
 
 log = structlog.get_logger()
@@ -43,18 +44,23 @@ class Report:
     """A finished round: the seed's status line, and the detail behind it."""
 
     checks: tuple[Check, ...] = ()
+    shutting_down: bool = False  # draining after SIGTERM: not ready, whatever the datastores say
 
     @property
     def healthy(self) -> bool:
-        return all(check.ok for check in self.checks)
+        return not self.shutting_down and all(check.ok for check in self.checks)
 
     @property
     def http_status(self) -> int:
-        """The seed's codes: 200, or 500 for a load balancer to act on."""
+        """The seed's codes: 200, or 500 for a load balancer to act on; 503 while draining."""
+        if self.shutting_down:
+            return 503
         return 200 if self.healthy else 500
 
     @property
     def status(self) -> str:
+        if self.shutting_down:
+            return "shutting down"
         failed = [f"{check.name}: {check.error}" for check in self.checks if not check.ok]
         return "; ".join(failed) or "Healthy"
 
@@ -113,6 +119,8 @@ class HealthChecker:
 
         The caller's cancellation stays the caller's: it never reaches the shared round.
         """
+        if draining():  # drain: readiness fails at once, asking no datastore
+            return Report(shutting_down=True)
         started = time.perf_counter()
         current = self.report()
         if not current.done():

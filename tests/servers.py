@@ -40,6 +40,22 @@ MODES: dict[str, list[str]] = {
     ],
 }  # fmt: skip
 
+# As a user runs them, the process count from WEB_CONCURRENCY: gunicorn with its
+# gunicorn.conf.py, and scripts/serve's launcher in this venv (on $PORT, application only).
+COMMANDS: dict[str, list[str]] = {
+    "gunicorn": ["gunicorn", "--bind", "127.0.0.1:{port}", "{module}:app"],
+    "serve": ["python", "-m", "application.serve"],
+}
+
+
+def script_env() -> dict[str, str]:
+    """The environment to run scripts/serve in: this run's interpreter (PYTHON, as scripts/test
+    got it), a free PORT, and nothing else from the test's own environment."""
+    env = {"PATH": os.environ["PATH"], "PORT": str(free_port())}
+    if python := os.environ.get("PYTHON"):
+        env["PYTHON"] = python
+    return env
+
 
 def _logged_keys() -> frozenset[str]:
     """Every field the project logs: keywords of its log and bind calls, and what processors add.
@@ -106,18 +122,30 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def get(self, path: str, **kwargs: object) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=10, **kwargs)  # type: ignore[arg-type]
+        kwargs.setdefault("timeout", 10)
+        return httpx.get(self.url + path, **kwargs)  # type: ignore[arg-type]
 
-    def wait_for_line(self, *texts: str, timeout: float = 10) -> str:
-        """The first stdout line containing every one of `texts`, waiting for it to be printed."""
+    def wait_for_line(self, *texts: str, timeout: float = 10, count: int = 1) -> str:
+        """The `count`th stdout line containing every one of `texts`, waiting for it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if all(text in line for text in texts):
-                    return line
+            found = [line for line in list(self.lines) if all(text in line for text in texts)]
+            if len(found) >= count:
+                return found[count - 1]
             time.sleep(0.02)
         printed = "\n".join(self.lines)
-        raise AssertionError(f"no line with {texts!r} in {self.mode} stdout:\n{printed}")
+        raise AssertionError(f"not {count} lines with {texts!r} in {self.mode} stdout:\n{printed}")
+
+    def children(self, count: int = 0, timeout: float = 10) -> list[int]:
+        """The serving processes under this one (gunicorn's workers, scripts/serve's
+        hypercorns), after waiting until there are `count` of them."""
+        pid = self.process.pid
+        deadline = time.monotonic() + timeout
+        while True:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            if len(children) >= count or time.monotonic() > deadline:
+                return [int(child) for child in children]
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM, then the exit code once it has drained; every line it printed is checked."""
@@ -143,17 +171,21 @@ def start(
     module: str = "application",
     ready: str = "/health/live",
     timeout: float = 20,
+    port: int | None = None,
     args: Sequence[str] = (),
 ) -> Server:
-    """Start a server in `mode` on a free port and wait until `ready` answers; `args` go on
-    the command line before the app."""
-    port = free_port()
-    *command, app = [part.format(port=port, module=module) for part in MODES[mode]]
+    """Start a server in `mode` on `port` (else a free one) and wait until `ready` answers;
+    `args` go on the command line before the app."""
+    port = port or free_port()
+    parts = [part.format(port=port, module=module) for part in {**MODES, **COMMANDS}[mode]]
+    *command, app = parts
     command = [str(BIN / command[0]), *command[1:], *args, app]
     full_env = {
         "PATH": os.environ["PATH"],
         "COMMIT_SHA": "test-commit",
         "PYTHONPATH": str(ROOT),
+        "PORT": str(port),
+        "SHUTDOWN_DELAY": "0",  # stop() at once, unless a test is about the drain
         **(env or {}),
     }
     process = subprocess.Popen(
@@ -174,9 +206,17 @@ def start(
             raise AssertionError(f"{mode} exited with {process.returncode}:\n{printed}")
         try:
             httpx.get(server.url + ready, timeout=1)
-            return server
         except httpx.TransportError:
             time.sleep(0.05)
+            continue
+        if mode == "serve":  # one hypercorn answered: wait for every one of them
+            processes = int(full_env.get("WEB_CONCURRENCY") or 1)
+            try:
+                server.wait_for_line("Running on", deadline - time.monotonic(), processes)
+            except AssertionError:
+                server.stop()
+                raise
+        return server
     server.stop()
     raise AssertionError(f"{mode} did not answer on {ready} in {timeout} s")
 
@@ -191,3 +231,25 @@ def _drain(stream: IO[str] | None, into: list[str]) -> threading.Thread:
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     return reader
+
+
+def connections(pid: int, port: int, *, local: bool = False) -> int:
+    """TCP connections process `pid` has open to `port` on this machine (a fault proxy's), or
+    with `local`, accepted on its own `port`."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            matched = int(fields[1 if local else 2].rsplit(":", 1)[1], 16) == port
+            established = fields[3] == "01"
+            if matched and established and fields[9] in inodes:
+                count += 1
+    return count

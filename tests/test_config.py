@@ -22,6 +22,15 @@ def test_empty_environment_gives_the_embedded_default():
     assert config.log_level == "INFO"
     assert config.log_format == "text"
     assert config.log_quiet_health is False
+    assert config.web_concurrency == 1
+    assert config.shutdown_delay == 10.0
+    assert config.graceful_timeout == 15
+
+
+def test_the_default_drain_fits_kubernetes_grace_period():
+    """SHUTDOWN_DELAY + GRACEFUL_TIMEOUT leave time to exit within 30 s of SIGTERM."""
+    config = Config.from_environ({})
+    assert config.shutdown_delay + config.graceful_timeout <= 30 - 5
 
 
 def test_commit_is_unknown_without_variables_or_git(monkeypatch, tmp_path):
@@ -103,6 +112,10 @@ def test_datastore_urls_are_separated_by_any_whitespace():
         ({"PORT": "8080"}, Config(port=8080)),
         ({"LOG_QUIET_HEALTH": "yes"}, Config(log_quiet_health=True)),
         ({"LOG_QUIET_HEALTH": "Off"}, Config(log_quiet_health=False)),
+        ({"WEB_CONCURRENCY": "4"}, Config(web_concurrency=4)),
+        ({"SHUTDOWN_DELAY": "0"}, Config(shutdown_delay=0.0)),
+        ({"SHUTDOWN_DELAY": "2.5"}, Config(shutdown_delay=2.5)),
+        ({"GRACEFUL_TIMEOUT": "20"}, Config(graceful_timeout=20)),
     ],
 )
 def test_valid_settings_are_read(environ, config):
@@ -179,6 +192,15 @@ ERRORS = [
         "PORT",
     ),
     bad("quiet-health", {"LOG_QUIET_HEALTH": "maybe"}, "LOG_QUIET_HEALTH", "'maybe'"),
+    *[
+        bad(f"web-concurrency-{raw}", {"WEB_CONCURRENCY": raw}, "WEB_CONCURRENCY", repr(raw))
+        for raw in ["two", "0", "-1", "1.5", "257"]
+    ],
+    bad("shutdown-delay", {"SHUTDOWN_DELAY": "-1"}, "SHUTDOWN_DELAY", "'-1'"),
+    *[
+        bad(f"graceful-timeout-{raw}", {"GRACEFUL_TIMEOUT": raw}, "GRACEFUL_TIMEOUT", repr(raw))
+        for raw in ["0", "soon", "2.5"]
+    ],
 ]
 
 

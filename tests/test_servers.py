@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -171,3 +172,19 @@ def test_a_bad_setting_stops_start_up_with_a_nonzero_exit(
     )
     assert done.returncode != 0
     assert "HEALTH_TIMEOUT: expected seconds > 0, got 'soon'" in done.stdout
+
+
+def test_a_request_id_ends_with_its_request() -> None:
+    """gunicorn's threads are reused: a line logged on one after a request (gunicorn's own
+    warning about a bad request) carries no request id of an earlier request."""
+    running = servers.start("gunicorn-gthread", {"WSGI_THREADS": "1"})
+    try:
+        for index in range(3):
+            running.get("/", headers={"X-Request-ID": f"earlier-{index}"})
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as client:
+            client.sendall(b"NOT A REQUEST LINE\r\n\r\n")
+            assert client.recv(64).startswith(b"HTTP/1.1 400 ")
+        warning = running.wait_for_line("Invalid request")
+    finally:
+        running.stop()
+    assert "request_id" not in warning

@@ -6,6 +6,8 @@ import errno
 import re
 
 import pytest
+from werkzeug.datastructures import WWWAuthenticate
+from werkzeug.exceptions import MethodNotAllowed, ServiceUnavailable, Unauthorized
 
 from application.config import Config
 from application.health import HealthChecker
@@ -179,3 +181,26 @@ def test_each_request_gets_its_own_fresh_id(client):
     """Two requests without an id are told two different ids."""
     first, second = (client.get("/health").headers["X-Request-ID"] for _ in range(2))
     assert first != second
+
+
+@pytest.mark.parametrize(
+    ("error", "header", "value"),
+    [
+        (Unauthorized(www_authenticate=WWWAuthenticate("Bearer")), "WWW-Authenticate", "Bearer"),
+        (ServiceUnavailable(retry_after=30), "Retry-After", "30"),
+        (MethodNotAllowed(valid_methods=["GET"]), "Allow", "GET"),
+    ],
+)
+def test_an_http_error_keeps_its_headers_in_json(app, error, header, value):
+    """The JSON error keeps every header the exception carries: a 401's challenge, a 503's
+    Retry-After, a 405's Allow; only the content type is the JSON's own."""
+
+    @app.route("/refuse")
+    def refuse():
+        raise error
+
+    response = app.test_client().get("/refuse")
+    assert response.status_code == error.code
+    assert response.headers[header] == value
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json == {"error": error.name, "status": error.code}

@@ -80,7 +80,7 @@ class AsgiApp:
 
     async def _health(self, scope: Scope, path: str, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        request_id = logs.bind_request_id(_header(scope, b"x-request-id"))
+        request_id = _bind_request(scope)
         if (await receive()).get("more_body"):  # taken, or hypercorn waits for it for ever
             _drop_the_rest(receive)  # a health check with a body: nothing reads it
         try:
@@ -150,7 +150,7 @@ class AsgiApp:
         self, scope: Scope, path: str, started: float, client: Client, send: Send
     ) -> None:
         """503 when too many requests wait for a thread; only a line when the client left."""
-        logs.bind_request_id(_header(scope, b"x-request-id"))
+        _bind_request(scope)
         try:
             if client.gone:
                 self._log(scope, path, 499, started)  # nginx's "client closed request"
@@ -500,6 +500,14 @@ def _error(status: int, reason: bytes) -> tuple[int, Headers, bytes]:
         [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
         body,
     )
+
+
+def _bind_request(scope: Scope) -> str:
+    """Bind the request id and trace as the Envelope does from the environ, where repeated
+    headers are joined (two `traceparent`s make no valid one)."""
+    traceparents = [value for key, value in scope["headers"] if key == b"traceparent"]
+    traceparent = b",".join(traceparents).decode("latin-1") if traceparents else None
+    return logs.bind_request_id(_header(scope, b"x-request-id"), traceparent)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

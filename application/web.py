@@ -106,7 +106,9 @@ class _Exchange:
     def __init__(self, environ: Environ, start_response: StartResponse, quiet: bool) -> None:
         self.environ = environ
         self.started = environ.get(STARTED) or time.perf_counter()
-        self.request_id = logs.bind_request_id(environ.get("HTTP_X_REQUEST_ID"))
+        self.request_id = logs.bind_request_id(
+            environ.get("HTTP_X_REQUEST_ID"), environ.get("HTTP_TRACEPARENT")
+        )
         self.quiet_health = quiet
         self.status = 0
         self._server_start_response = start_response

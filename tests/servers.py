@@ -64,6 +64,12 @@ def _logged_keys() -> frozenset[str]:
     field needs no list kept by hand, and a key nobody logs stands out.
     """
     keys = {"logger", "exception"}  # structlog's add_logger_name and format_exc_info
+    keys |= {  # application/trace.py's processor, for Cloud Logging in JSON
+        "severity",
+        "logging.googleapis.com/trace",
+        "logging.googleapis.com/spanId",
+        "logging.googleapis.com/trace_sampled",
+    }
     methods = {"debug", "info", "warning", "error", "exception", "critical", "bind",
                "bind_contextvars"}  # fmt: skip
     for path in [*ROOT.glob("application/*.py"), *ROOT.glob("tests/*_app.py")]:

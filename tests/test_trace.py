@@ -8,14 +8,12 @@ import io
 import json
 import logging
 import sys
-import threading
 
 import pytest
 import structlog
 from opentelemetry import trace as otel
 
-import application
-from application import health, logs, trace
+from application import logs, trace
 from application.asgi import AsgiApp
 from application.config import Config, Datastore
 from application.trace import TraceContext, parse_traceparent
@@ -73,27 +71,6 @@ def _clear_contextvars():
     structlog.contextvars.clear_contextvars()
 
 
-@pytest.fixture
-def configure(monkeypatch):
-    """Logging to a StringIO with `config`; the service's own configuration comes back after.
-
-    The modules whose lines these tests read get fresh loggers: structlog caches a logger,
-    with the stream of its day, on first use.
-    """
-    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
-    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
-    stream = io.StringIO()
-
-    def configure_(config: Config) -> io.StringIO:
-        logs.configure(config, stream)
-        for module in (logs, health):
-            monkeypatch.setattr(module, "log", structlog.get_logger())
-        return stream
-
-    yield configure_
-    logs.configure(application.config)
-
-
 def test_a_valid_traceparent_is_bound_next_to_the_request_id():
     """trace_id and span_id come right after request_id on a line of the request."""
     logs.bind_request_id("r1", VALID)
@@ -112,9 +89,9 @@ def test_no_valid_traceparent_binds_no_trace(header: str | None):
     assert structlog.contextvars.get_contextvars() == {"request_id": "r2"}
 
 
-def test_text_lines_carry_the_trace(configure):
+def test_text_lines_carry_the_trace(capture_logs):
     """An app event and another library's record: both with trace_id and span_id."""
-    stream = configure(Config())
+    stream = capture_logs(Config())
     logs.bind_request_id("r1", VALID)
     structlog.get_logger().info("app event")
     logging.getLogger("somelib").warning("library record")
@@ -125,9 +102,9 @@ def test_text_lines_carry_the_trace(configure):
         assert (fields["request_id"], fields["trace_id"], fields["span_id"]) == ("r1", TRACE, SPAN)
 
 
-def test_json_lines_carry_severity_always(configure):
+def test_json_lines_carry_severity_always(capture_logs):
     """LOG_FORMAT=json: `severity` is Cloud Logging's name for the level, on every line."""
-    stream = configure(Config(log_format="json"))
+    stream = capture_logs(Config(log_format="json"))
     structlog.get_logger().warning("no request")
     logging.getLogger("somelib").error("a record")
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
@@ -136,9 +113,9 @@ def test_json_lines_carry_severity_always(configure):
 
 
 @pytest.mark.parametrize(("flags", "sampled"), [("01", True), ("00", False)])
-def test_json_lines_join_cloud_trace_with_a_project(configure, flags: str, sampled: bool):
+def test_json_lines_join_cloud_trace_with_a_project(capture_logs, flags: str, sampled: bool):
     """With GOOGLE_CLOUD_PROJECT, each traced line names its Cloud Trace trace and span."""
-    stream = configure(Config(log_format="json", google_cloud_project="my-project"))
+    stream = capture_logs(Config(log_format="json", google_cloud_project="my-project"))
     logs.bind_request_id("r1", f"00-{TRACE}-{SPAN}-{flags}")
     structlog.get_logger().info("app event")
     logging.getLogger("somelib").info("a record")
@@ -151,9 +128,9 @@ def test_json_lines_join_cloud_trace_with_a_project(configure, flags: str, sampl
         servers.check_log_line(line)
 
 
-def test_json_lines_without_a_trace_name_none(configure):
+def test_json_lines_without_a_trace_name_none(capture_logs):
     """A project but no trace: no Cloud Trace fields (an empty trace would link nothing)."""
-    stream = configure(Config(log_format="json", google_cloud_project="my-project"))
+    stream = capture_logs(Config(log_format="json", google_cloud_project="my-project"))
     logs.bind_request_id("r1", None)
     structlog.get_logger().info("app event")
     event = json.loads(stream.getvalue())
@@ -162,9 +139,9 @@ def test_json_lines_without_a_trace_name_none(configure):
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
-def test_an_opentelemetry_span_wins(configure, log_format: str):
+def test_an_opentelemetry_span_wins(capture_logs, log_format: str):
     """Where OpenTelemetry has a current span, its ids name the line, not the header's."""
-    stream = configure(Config(log_format=log_format, google_cloud_project="my-project"))
+    stream = capture_logs(Config(log_format=log_format, google_cloud_project="my-project"))
     logs.bind_request_id("r1", VALID)
     own = otel.SpanContext(
         trace_id=0x0AF7651916CD43DD8448EB211C80319C,
@@ -197,10 +174,10 @@ def _health_lines(stream: io.StringIO) -> list[str]:
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
-def test_every_line_of_a_flask_request_carries_its_trace(configure, log_format: str):
+def test_every_line_of_a_flask_request_carries_its_trace(capture_logs, log_format: str):
     """Through the Envelope (gunicorn's path): the probe line of the round the request started,
     on the probe loop's thread, and the access line."""
-    stream = configure(Config(log_format=log_format))
+    stream = capture_logs(Config(log_format=log_format))
     config = Config(datastores=(Datastore("db", REFUSED),), health_cache_ttl=0)
     app = create_app(config)
     try:
@@ -214,9 +191,9 @@ def test_every_line_of_a_flask_request_carries_its_trace(configure, log_format: 
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
-def test_every_line_of_a_native_health_request_carries_its_trace(configure, log_format: str):
+def test_every_line_of_a_native_health_request_carries_its_trace(capture_logs, log_format: str):
     """asgi_app's own /health: the same lines, bound by the same function."""
-    stream = configure(Config(log_format=log_format))
+    stream = capture_logs(Config(log_format=log_format))
     config = Config(datastores=(Datastore("db", REFUSED),), health_cache_ttl=0)
     asgi = AsgiApp(create_app(config))
     exchange = Exchange()
@@ -231,9 +208,9 @@ def test_every_line_of_a_native_health_request_carries_its_trace(configure, log_
         assert TRACE in line and SPAN in line, line
 
 
-def test_two_traceparent_headers_bind_no_trace_natively(configure):
+def test_two_traceparent_headers_bind_no_trace_natively(capture_logs):
     """asgi_app joins repeated headers as the environ does: two traceparents are no trace."""
-    stream = configure(Config())
+    stream = capture_logs(Config())
     asgi = AsgiApp(create_app(Config()))
     exchange = Exchange()
     headers = [(b"traceparent", VALID.encode()), (b"traceparent", VALID.encode())]

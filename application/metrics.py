@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 # The route of a request no rule matched (a 404, a 405, a redirect to a slash): every path a
 # scanner tries shares this one value, so it adds no series. A Flask rule starts with "/".
@@ -107,5 +107,10 @@ class Metrics:
 
 @functools.cache
 def instruments() -> Metrics:
-    """This process's instruments: prometheus_client registers a name once per registry."""
+    """This process's instruments: prometheus_client registers a name once per registry.
+
+    Without the `_created` series a single process adds to every counter and histogram (one
+    more series each; the multiprocess files have none): the same exposition in every mode.
+    """
+    disable_created_metrics()
     return Metrics()

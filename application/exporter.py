@@ -11,16 +11,20 @@ its access line; a scrape is not counted in the request metrics.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import structlog
 from prometheus_client import REGISTRY, CollectorRegistry, PlatformCollector, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from .config import Config
@@ -79,15 +83,33 @@ def cannot_listen(config: Config, error: OSError) -> str:
 
 def gathering(directory: str) -> CollectorRegistry:
     """A scrape of several processes, as prometheus_client's multiprocess docs advise: a
-    registry of its own holding only a MultiProcessCollector (nothing else registers in it).
+    registry of its own (nothing else registers in it) adding up the processes' files.
 
     Its process and Python collectors would describe this process, not the ones serving, so
     they are left out; `python_info` is the same for every process and stays.
     """
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory)
+    registry.register(_Files(directory))
     PlatformCollector(registry=registry)
     return registry
+
+
+class _Files:
+    """prometheus_client's MultiProcessCollector, but for the files a process has only just
+    created: a new file is empty until its process sizes it, and reading one fails the whole
+    scrape (client_python #1199, open; a process killed in that moment leaves it for good).
+    An empty file has recorded nothing, so it is left out."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = Path(directory)
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in self._directory.glob("*.db"):
+            with contextlib.suppress(FileNotFoundError):  # a dead process's live gauges
+                if path.stat().st_size:
+                    files.append(str(path))
+        return MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-any-return]
 
 
 def make_multiprocess_dir() -> str:

@@ -331,3 +331,18 @@ def test_a_scrape_waits_for_no_datastore(listener: exporter.Exporter):
         waiting.join(5)
     assert answer.status_code == 200
     assert answer.elapsed.total_seconds() < 2
+
+
+def test_a_file_a_process_has_only_just_created_fails_no_scrape(tmp_path, capture_logs):
+    """A new multiprocess file is empty until its process sizes it; one left empty by a process
+    killed in that moment stays so. The scrape of the others' files goes on."""
+    (tmp_path / "counter_4242.db").touch()
+    (tmp_path / "gauge_livesum_4242.db").touch()
+    capture_logs(Config())
+    metrics = exporter.Exporter(Config(metrics_port=servers.free_port()), str(tmp_path))
+    try:
+        answer = scrape(metrics)
+    finally:
+        metrics.stop()
+    assert answer.status_code == 200
+    assert "python_info" in answer.text

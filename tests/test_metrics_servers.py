@@ -52,10 +52,12 @@ async def _burst(url: str, count: int) -> list[int]:
 
 
 @pytest.mark.parametrize("mode", ["gunicorn", "serve"])
-def test_serving_processes_share_one_directory_removed_at_exit(mode: str) -> None:
-    """Two processes write their numbers to one directory the supervisor made; it is gone once
-    the supervisor has exited."""
-    server = servers.start(mode, TWO)
+def test_serving_processes_share_one_directory_removed_at_exit(mode: str, tmp_path: Path) -> None:
+    """Two processes write their numbers to one directory the supervisor made (not to one set
+    outside, which stays); it is gone once the supervisor has exited."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    server = servers.start(mode, {**TWO, "PROMETHEUS_MULTIPROC_DIR": str(outside)})
     try:
         children = server.children(2)
         directory = until_each_has(server, children, "counter_")
@@ -64,6 +66,8 @@ def test_serving_processes_share_one_directory_removed_at_exit(mode: str) -> Non
     finally:
         server.stop()
     assert not directory.exists()
+    assert outside.is_dir()
+    assert not [path for path in outside.iterdir() for pid in children if f"_{pid}." in path.name]
 
 
 def test_a_dead_workers_live_gauges_leave_and_its_counts_stay() -> None:

@@ -194,7 +194,7 @@ class AsgiApp:
         )
 
     def _route(self, path: str, method: str) -> str:
-        """The template of the rule Flask would have matched, as `web.route` gives it."""
+        """The template of the rule Flask would have matched, as the Envelope counts it."""
         try:
             rule, _ = self._routes.match(path, method, return_rule=True)
         except HTTPException:  # no rule, another method, a redirect: Flask's url_rule is None
@@ -223,13 +223,12 @@ class AsgiApp:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self.exporter is not None:
-                    self.exporter.stop()
+                if self.exporter is not None:  # its loop notices within 0.5 s: not on this one
+                    await asyncio.to_thread(self.exporter.stop)
                 await asyncio.to_thread(self.checker.close)
                 self.threads.executor.shutdown(wait=False)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
 
     def _serve_metrics(self) -> None:
         """/metrics from this process, when it serves alone: started here, on the server's

@@ -171,7 +171,7 @@ class _Exchange:
         metrics = self.envelope.metrics
         if metrics is not None:
             seconds = time.perf_counter() - self.started
-            metrics.request_done(method, route(self.environ), status, seconds)
+            metrics.request_done(method, _route(self.environ), status, seconds)
             if self.in_flight:
                 metrics.in_flight.dec()
         if not (self.envelope.quiet and status < 400):
@@ -191,9 +191,10 @@ class _Exchange:
         return self.send_headers()(data)
 
 
-def route(environ: Environ) -> str:
+def _route(environ: Environ) -> str:
     """The template of the rule that matched (`/items/<int:id>`), else UNMATCHED."""
-    return environ.get(ROUTE, UNMATCHED)  # type: ignore[no-any-return]
+    template: str = environ.get(ROUTE, UNMATCHED)
+    return template
 
 
 class BodyLimit:

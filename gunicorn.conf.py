@@ -4,8 +4,25 @@ Importing the application here checks the settings in the master (a bad one stop
 instead of crash-looping its workers) and puts the master's own lines in the app's format.
 """
 
-from application import config as service
-from application import drain, logs
+import os
+import sys
+import tempfile
+from typing import Any
+
+# Several workers: prometheus_client keeps each one's numbers in files of this directory, and
+# this master serves their sum on METRICS_PORT. The client reads the variable when it is first
+# imported, so it is set before `application` (which imports it) is; the workers, forked from
+# here, inherit it. One set outside is replaced: the directory must start empty, and it is
+# removed at exit. A HUP reload runs this file again, and the first directory stays.
+if "application" not in sys.modules:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-")
+
+try:
+    from application import config as service
+    from application import drain, exporter, logs
+except SystemExit:  # a bad setting: the one line is out; nothing will use the directory
+    os.rmdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    raise
 
 # (No bare `config` here: gunicorn would read it as its own `config` setting.)
 bind = f"0.0.0.0:{service.port}"
@@ -33,6 +50,17 @@ graceful_timeout = service.graceful_timeout
 
 def when_ready(arbiter: object) -> None:
     drain.hold_gunicorn_stop(arbiter, service)
+    if service.metrics_port:  # from this master, which outlives its workers; never at import
+        exporter.start(service, service.multiprocess_dir)
+
+
+def child_exit(arbiter: object, worker: Any) -> None:
+    """A worker's live gauges (in flight, datastore up) leave the sum with it."""
+    exporter.process_exited(worker.pid, service.multiprocess_dir)
+
+
+def on_exit(arbiter: object) -> None:
+    exporter.remove_multiprocess_dir(service.multiprocess_dir)
 
 
 post_worker_init = drain.close_gunicorn_listener

@@ -19,10 +19,13 @@ from urllib.parse import parse_qs, unquote_to_bytes
 
 import structlog
 from flask import Flask
+from werkzeug.exceptions import HTTPException
 
 from . import drain, logs
 from .config import Config
+from .exporter import Exporter, cannot_listen
 from .health import HealthChecker, Report
+from .metrics import UNMATCHED, Metrics
 from .web import (
     HEALTH_METHODS,
     STARTED,
@@ -55,6 +58,8 @@ class AsgiApp:
         self.flask_app = flask_app
         self.config: Config = flask_app.config["SERVICE"]
         self.checker: HealthChecker = flask_app.extensions["health"]
+        self.metrics: Metrics | None = flask_app.extensions["metrics"]
+        self.exporter: Exporter | None = None
         threads = self.config.wsgi_threads
         self.threads = Threads(threads, max_waiting=WAITING_PER_THREAD * threads)
         self._forwarded = trust_proxies(_no_body, self.config.trusted_proxies)
@@ -64,15 +69,22 @@ class AsgiApp:
             for rule in flask_app.url_map.iter_rules()
             if rule.endpoint.startswith(f"{health.name}.")
         }
+        self._routes = flask_app.url_map.bind("")  # for the requests refused before Flask
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             send = drain.track(scope, send)  # drain: Connection: close; cut past the deadline
             script_name, path_info = _split_path(scope)
-            if path_info in self._health_paths and scope["method"] in HEALTH_METHODS:
-                await self._health(scope, path_info, receive, send)
-            else:
-                await self._wsgi(scope, script_name, path_info, receive, send)
+            if self.metrics is not None:  # in flight from here: waiting for a thread counts
+                self.metrics.in_flight.inc()
+            try:
+                if path_info in self._health_paths and scope["method"] in HEALTH_METHODS:
+                    await self._health(scope, path_info, receive, send)
+                else:
+                    await self._wsgi(scope, script_name, path_info, receive, send)
+            finally:
+                if self.metrics is not None:
+                    self.metrics.in_flight.dec()
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         else:
@@ -80,7 +92,7 @@ class AsgiApp:
 
     async def _health(self, scope: Scope, path: str, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        request_id = logs.bind_request_id(_header(scope, b"x-request-id"))
+        request_id = _bind_request(scope)
         if (await receive()).get("more_body"):  # taken, or hypercorn waits for it for ever
             _drop_the_rest(receive)  # a health check with a body: nothing reads it
         try:
@@ -99,7 +111,7 @@ class AsgiApp:
             ]
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
-            self._log(scope, path, status, started)
+            self._log(scope, path, status, started, route=path)
         finally:
             structlog.contextvars.clear_contextvars()
 
@@ -150,7 +162,7 @@ class AsgiApp:
         self, scope: Scope, path: str, started: float, client: Client, send: Send
     ) -> None:
         """503 when too many requests wait for a thread; only a line when the client left."""
-        logs.bind_request_id(_header(scope, b"x-request-id"))
+        _bind_request(scope)
         try:
             if client.gone:
                 self._log(scope, path, 499, started)  # nginx's "client closed request"
@@ -163,7 +175,15 @@ class AsgiApp:
         finally:
             structlog.contextvars.clear_contextvars()
 
-    def _log(self, scope: Scope, path: str, status: int, started: float) -> None:
+    def _log(
+        self, scope: Scope, path: str, status: int, started: float, route: str | None = None
+    ) -> None:
+        """The access line, and the count, of an answer made here without Flask; `route`
+        None: looked up (a refusal, rarely made)."""
+        if self.metrics is not None:
+            route = route or self._route(path, scope["method"])
+            seconds = time.perf_counter() - started
+            self.metrics.request_done(scope["method"], route, status, seconds)
         logs.log_request(
             method=scope["method"],
             path=path,
@@ -172,6 +192,14 @@ class AsgiApp:
             remote=self._remote(scope),
             quiet_health=self.config.log_quiet_health,
         )
+
+    def _route(self, path: str, method: str) -> str:
+        """The template of the rule Flask would have matched, as the Envelope counts it."""
+        try:
+            rule, _ = self._routes.match(path, method, return_rule=True)
+        except HTTPException:  # no rule, another method, a redirect: Flask's url_rule is None
+            return UNMATCHED
+        return str(rule.rule)
 
     def _remote(self, scope: Scope) -> str | None:
         """The client's address, through the trusted proxies' X-Forwarded-For as in Flask."""
@@ -187,12 +215,27 @@ class AsgiApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 drain.on_lifespan_startup(self.config)  # drain: SIGTERM drains, then stops
+                try:
+                    self._serve_metrics()
+                except OSError as error:  # hypercorn logs the message and exits non-zero
+                    failed = cannot_listen(self.config, error)
+                    await send({"type": "lifespan.startup.failed", "message": failed})
+                    return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.exporter is not None:  # its loop notices within 0.5 s: not on this one
+                    await asyncio.to_thread(self.exporter.stop)
                 await asyncio.to_thread(self.checker.close)
                 self.threads.executor.shutdown(wait=False)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _serve_metrics(self) -> None:
+        """/metrics from this process, when it serves alone: started here, on the server's
+        start, and never at import (gunicorn's master imports the app too). A process with a
+        multiprocess directory has a supervisor that serves the sum of them all."""
+        if self.config.metrics_port and self.config.multiprocess_dir is None:
+            self.exporter = Exporter(self.config, None)
 
 
 class Threads:
@@ -500,6 +543,14 @@ def _error(status: int, reason: bytes) -> tuple[int, Headers, bytes]:
         [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
         body,
     )
+
+
+def _bind_request(scope: Scope) -> str:
+    """Bind the request id and trace as the Envelope does from the environ, where repeated
+    headers are joined (two `traceparent`s make no valid one)."""
+    traceparents = [value for key, value in scope["headers"] if key == b"traceparent"]
+    traceparent = b",".join(traceparents).decode("latin-1") if traceparents else None
+    return logs.bind_request_id(_header(scope, b"x-request-id"), traceparent)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

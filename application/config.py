@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import subprocess
 from collections.abc import Mapping
@@ -40,6 +41,12 @@ WEB_CONCURRENCY = 1
 # with 5 s to close the probe pools and exit.
 SHUTDOWN_DELAY = 10.0
 GRACEFUL_TIMEOUT = 15
+# /metrics on a port of its own (application/exporter.py), 9464 as OpenTelemetry's Prometheus
+# exporter uses: a Service, an Ingress or a load balancer publishes only the app's port, so the
+# numbers stay inside the cluster, and a scrape never queues behind the app's requests.
+METRICS_PORT = 9464
+# A Google Cloud project id (6-30 of a-z 0-9 -, a letter first), or a legacy domain-scoped one.
+_GOOGLE_PROJECT = re.compile(r"([a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -83,6 +90,11 @@ class Config:
     web_concurrency: int = WEB_CONCURRENCY
     shutdown_delay: float = SHUTDOWN_DELAY
     graceful_timeout: int = GRACEFUL_TIMEOUT
+    metrics_port: int = METRICS_PORT  # 0: no metrics at all, neither listener nor counting
+    # Set by the process that supervises several serving processes (gunicorn.conf.py,
+    # application/serve.py), which then serves /metrics from the files its children write.
+    multiprocess_dir: str | None = None
+    google_cloud_project: str | None = None
     debug: bool = False
 
     @classmethod
@@ -102,6 +114,9 @@ class Config:
             web_concurrency=_integer(environ, "WEB_CONCURRENCY", WEB_CONCURRENCY, 1, 256),
             shutdown_delay=_seconds(environ, "SHUTDOWN_DELAY", SHUTDOWN_DELAY, allow_zero=True),
             graceful_timeout=_integer(environ, "GRACEFUL_TIMEOUT", GRACEFUL_TIMEOUT, 1, 3600),
+            metrics_port=_metrics_port(environ),
+            multiprocess_dir=_multiprocess_dir(environ),
+            google_cloud_project=_google_project(environ),
             debug=_boolean(environ, "FLASK_DEBUG"),
         )
 
@@ -165,6 +180,28 @@ def _integer(environ: Mapping[str, str], name: str, default: int, low: int, high
     if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise ConfigError(f"{name}: expected a whole number from {low} to {high}, got {raw!r}")
     return int(raw)
+
+
+def _metrics_port(environ: Mapping[str, str]) -> int:
+    port = _integer(environ, "METRICS_PORT", METRICS_PORT, 0, 65535)
+    if port and port == _integer(environ, "PORT", 5000, 1, 65535):
+        raise ConfigError(f"METRICS_PORT: expected a port other than PORT's, got {port}")
+    return port
+
+
+def _multiprocess_dir(environ: Mapping[str, str]) -> str | None:
+    """prometheus_client's multiprocess directory, which it reads itself when first imported."""
+    path = environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if path and not os.path.isdir(path):
+        raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR: not a directory: {path!r}")
+    return path or None
+
+
+def _google_project(environ: Mapping[str, str]) -> str | None:
+    raw = environ.get("GOOGLE_CLOUD_PROJECT", "").strip()
+    if raw and not _GOOGLE_PROJECT.fullmatch(raw):
+        raise ConfigError(f"GOOGLE_CLOUD_PROJECT: expected a Google Cloud project id, got {raw!r}")
+    return raw or None
 
 
 def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:

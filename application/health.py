@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import structlog
 
 from .drain import draining
+from .metrics import Metrics
 from .probes import Probe, describe
 
 log = structlog.get_logger()
@@ -94,10 +95,17 @@ class HealthChecker:
     _thread: threading.Thread | None
     _closed: bool
 
-    def __init__(self, probes: Sequence[Probe], timeout: float, cache_ttl: float) -> None:
+    def __init__(
+        self,
+        probes: Sequence[Probe],
+        timeout: float,
+        cache_ttl: float,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.probes = tuple(probes)
         self.timeout = timeout
         self.cache_ttl = cache_ttl
+        self.metrics = metrics
         self._healthy = {probe.name: True for probe in self.probes}
         self._start_afresh()
         _checkers.add(self)
@@ -112,6 +120,8 @@ class HealthChecker:
                 and time.monotonic() - self._finished_at >= self.cache_ttl
             ):
                 current = self._round = self._start_round()
+            elif self.metrics is not None and not current.done():
+                self.metrics.rounds_shared.inc()
             return current
 
     async def wait(self) -> Report:
@@ -187,6 +197,8 @@ class HealthChecker:
         deadline = asyncio.get_running_loop().time() + self.timeout
         checks = await asyncio.gather(*(self._check(probe, deadline) for probe in self.probes))
         self._log_transitions(checks)
+        if self.metrics is not None:
+            self.metrics.rounds.inc()
         self._finished_at = time.monotonic()
         _settle(shared, Report(tuple(checks)))
 
@@ -197,8 +209,11 @@ class HealthChecker:
                 await probe.ping()
         except Exception as error:
             reason = describe(error, self.timeout)
+            # For metrics, the words without the seconds of a timeout: a label with few values.
+            failure = "timed out" if isinstance(error, TimeoutError) else reason
             if reason is None:
-                reason = "unexpected error (details in the debug log)"
+                failure = "unexpected error"
+                reason = f"{failure} (details in the debug log)"
                 log.debug(
                     "probe failed",
                     datastore=probe.name,
@@ -206,8 +221,12 @@ class HealthChecker:
                     error_type=type(error).__qualname__,
                     error=str(error),
                 )
-            return Check(probe.name, False, _since(started), reason)
-        return Check(probe.name, True, _since(started))
+            check = Check(probe.name, False, _since(started), reason)
+        else:
+            check, failure = Check(probe.name, True, _since(started)), None
+        if self.metrics is not None:
+            self.metrics.probe_done(probe.name, check.duration_ms / 1000, failure)
+        return check
 
     def _unanswered(self, reason: str, started: float | None = None) -> Report:
         """Every datastore failed for `reason`: the answer when the round gave none."""

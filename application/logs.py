@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from . import trace
 from .config import Config
 
 _LEVELS = {
@@ -50,7 +51,8 @@ def configure(config: Config, stream: TextIO | None = None) -> None:
     """
     stream = stream or sys.stdout
     renderer, exceptions = _renderer(config)
-    shared = [structlog.contextvars.merge_contextvars, add_level, _timestamper(config)]
+    shared = [structlog.contextvars.merge_contextvars, add_level, *_trace(config)]
+    shared.append(_timestamper(config))
     structlog.configure(
         processors=[*shared, exceptions, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(config.log_level),
@@ -72,6 +74,7 @@ def dict_config(config: Config, stream: TextIO | None = None) -> dict[str, Any]:
         structlog.contextvars.merge_contextvars,
         add_level,
         structlog.stdlib.add_logger_name,
+        *_trace(config),
         _timestamper(config),
     ]
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -102,6 +105,11 @@ def dict_config(config: Config, stream: TextIO | None = None) -> dict[str, Any]:
             "hypercorn.access": quiet,
         },
     }
+
+
+def _trace(config: Config) -> list[Processor]:
+    add_trace = trace.processor(config)
+    return [] if add_trace is None else [add_trace]
 
 
 def add_level(_: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
@@ -194,11 +202,23 @@ def _value(value: object) -> str:
     return f'"{escape(text, _IN_VALUE)}"'
 
 
-def bind_request_id(incoming: str | None) -> str:
-    """Keep a sane incoming X-Request-ID, else make one; bind it to every line of this request."""
+def bind_request_id(incoming: str | None, traceparent: str | None = None) -> str:
+    """Keep a sane incoming X-Request-ID, else make one; bind it to every line of this request,
+    with the trace and span of a valid W3C `traceparent` (an invalid one is ignored).
+
+    Every serving path calls this first, so every line of a request, the probe lines of the
+    round it starts included (the round's task copies the caller's context), carries them.
+    """
     request_id = incoming if incoming and _SANE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id)
+    context = trace.parse_traceparent(traceparent)
+    if context is None:
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+    else:
+        structlog.contextvars.bind_contextvars(
+            request_id=request_id, trace_id=context.trace_id, span_id=context.span_id
+        )
+    trace.set_sampled(context is not None and context.sampled)
     return request_id
 
 

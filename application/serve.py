@@ -7,6 +7,11 @@ forwards SIGTERM and SIGINT to them, and exits with the first failure among them
 others. Each one drains on SIGTERM as a single hypercorn does (application/drain.py) and keeps
 its own probe pools.
 
+With several processes and metrics on, the launcher serves /metrics (METRICS_PORT): it makes a
+directory for prometheus_client's multiprocess files, passes it to every hypercorn
+(PROMETHEUS_MULTIPROC_DIR, read by the client when first imported), serves their sum, marks
+a process that ended as dead, and removes the directory when it exits.
+
 Not hypercorn's own `workers = N`: its supervisor exits 0 when a worker fails at import
 (upstream #269), and on SIGTERM it stops every worker's listener at once, with no drain.
 
@@ -25,6 +30,8 @@ from types import FrameType
 import structlog
 
 import application
+from application import exporter
+from application.config import Config
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
 log = structlog.get_logger()
@@ -38,6 +45,24 @@ def main(arguments: list[str]) -> int:
         sys.stdout.flush()
         bind = f"0.0.0.0:{settings.port}"
         os.execv(sys.executable, [*hypercorn, "--bind", bind, "application:asgi_app"])  # noqa: S606
+    directory = exporter.make_multiprocess_dir() if settings.metrics_port else None
+    metrics = None
+    try:
+        if directory is not None:
+            metrics = exporter.start(settings, directory)
+        return _supervise(settings, hypercorn, directory)
+    finally:
+        if metrics is not None:
+            metrics.stop()
+        if directory is not None:
+            exporter.remove_multiprocess_dir(directory)
+
+
+def _supervise(settings: Config, hypercorn: list[str], directory: str | None) -> int:
+    """Start the hypercorns and wait for them all; the first failure's exit status."""
+    environ = dict(os.environ)
+    if directory is not None:
+        environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     children: set[int] = set()
     stopped_by = 0  # the signal passed on to the children, once there is one
 
@@ -60,7 +85,7 @@ def main(arguments: list[str]) -> int:
                 listener.set_inheritable(True)
                 bind = f"fd://{listener.fileno()}"
                 command = [*hypercorn, "--bind", bind, "application:asgi_app"]
-                children.add(os.posix_spawn(sys.executable, command, os.environ, setsigmask=()))
+                children.add(os.posix_spawn(sys.executable, command, environ, setsigmask=()))
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     log.info("serving", processes=settings.web_concurrency, pids=sorted(children))
@@ -69,6 +94,8 @@ def main(arguments: list[str]) -> int:
     while children:
         pid, wait_status = os.wait()
         children.discard(pid)
+        if directory is not None:
+            exporter.process_exited(pid, directory)
         code = os.waitstatus_to_exitcode(wait_status)
         if code in (0, -stopped_by) or status:  # -signal: stopped by it before its handlers
             continue

@@ -21,10 +21,14 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from . import logs
 from .config import Config
 from .health import HealthChecker, Report
+from .metrics import UNMATCHED, Metrics, instruments
 from .probes import probe_for
 
 HEALTH_METHODS = ["GET", "HEAD", "OPTIONS"]  # HAProxy's `option httpchk /health` sends OPTIONS
-STARTED = "application.started"  # environ key: when the server took the request (perf_counter)
+# environ key: when the server took the request (perf_counter), set by asgi_app, which then
+# counts the request in flight itself, from that moment on
+STARTED = "application.started"
+ROUTE = "application.route"  # environ key: the template of the rule that matched, for metrics
 
 Environ = dict[str, Any]
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
@@ -40,16 +44,20 @@ def create_app(config: Config, checker: HealthChecker | None = None) -> Flask:
     app = Flask("application")
     app.async_to_sync = run_on_thread_loop  # type: ignore[method-assign]
     app.config["SERVICE"] = config
+    metrics = app.extensions["metrics"] = instruments() if config.metrics_port else None
     app.extensions["health"] = checker or HealthChecker(
         [probe_for(datastore, config.health_timeout) for datastore in config.datastores],
         timeout=config.health_timeout,
         cache_ttl=config.health_cache_ttl,
+        metrics=metrics,
     )
+    if metrics is not None:
+        app.before_request(_note_route)  # first: it must see every request Flask routes
     app.before_request(_refuse_oversized_body)
     app.register_error_handler(HTTPException, _error_as_json)
     app.register_blueprint(health)
     app.add_url_rule("/", "index", _index)
-    app.wsgi_app = Envelope(trust_proxies(app.wsgi_app, config.trusted_proxies), config)  # type: ignore[method-assign]
+    app.wsgi_app = Envelope(trust_proxies(app.wsgi_app, config.trusted_proxies), config, metrics)  # type: ignore[method-assign]
     return app
 
 
@@ -64,16 +72,24 @@ class Envelope:
     """Around every request, under every server: the request id bound to every line logged
     while it runs, and unbound after; `wsgi.errors` into the log; a body without a length
     held to MAX_BODY_SIZE; a response that fails before its first byte made a JSON 500; and
-    one access line with the status the client got.
+    one access line with the status the client got; and the request counted in the metrics, by
+    its route template (`metrics` None: not counted).
+
+    `quiet`: no access line for a successful request at all (the metrics listener's scrapes,
+    under LOG_QUIET_HEALTH); failures are always logged.
     """
 
-    def __init__(self, app: WsgiApp, config: Config) -> None:
+    def __init__(
+        self, app: WsgiApp, config: Config, metrics: Metrics | None, *, quiet: bool = False
+    ) -> None:
         self.app = app
         self.quiet_health = config.log_quiet_health
+        self.quiet = quiet
         self.max_body_size = config.max_body_size
+        self.metrics = metrics
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        exchange = _Exchange(environ, start_response, self.quiet_health)
+        exchange = _Exchange(environ, start_response, self)
         environ["wsgi.errors"] = ErrorStream()
         if not environ.get("CONTENT_LENGTH"):
             environ["wsgi.input"] = BodyLimit(environ["wsgi.input"], self.max_body_size)
@@ -103,11 +119,18 @@ class _Exchange:
     """One request on its way through: its id, and its status, passed to the server only with
     the first byte of the body, so that a failure before it can still become a 500."""
 
-    def __init__(self, environ: Environ, start_response: StartResponse, quiet: bool) -> None:
+    def __init__(self, environ: Environ, start_response: StartResponse, envelope: Envelope) -> None:
         self.environ = environ
-        self.started = environ.get(STARTED) or time.perf_counter()
-        self.request_id = logs.bind_request_id(environ.get("HTTP_X_REQUEST_ID"))
-        self.quiet_health = quiet
+        self.envelope = envelope
+        self.request_id = logs.bind_request_id(
+            environ.get("HTTP_X_REQUEST_ID"), environ.get("HTTP_TRACEPARENT")
+        )
+        started = environ.get(STARTED)
+        self.started = started or time.perf_counter()
+        metrics = envelope.metrics
+        self.in_flight = started is None  # else asgi_app counts it, from when it took it
+        if metrics is not None and self.in_flight:
+            metrics.in_flight.inc()
         self.status = 0
         self._server_start_response = start_response
         self._response: tuple[str, list[tuple[str, str]]] | None = None
@@ -143,20 +166,35 @@ class _Exchange:
         return [body]
 
     def finish(self, *, complete: bool) -> None:
-        logs.log_request(
-            method=self.environ.get("REQUEST_METHOD", ""),
-            path=self.environ.get("PATH_INFO", ""),
-            status=self.status or 500,
-            started=self.started,
-            remote=self.environ.get("REMOTE_ADDR"),
-            quiet_health=self.quiet_health,
-            complete=complete,
-        )
+        method = self.environ.get("REQUEST_METHOD", "")
+        status = self.status or 500
+        metrics = self.envelope.metrics
+        if metrics is not None:
+            seconds = time.perf_counter() - self.started
+            metrics.request_done(method, _route(self.environ), status, seconds)
+            if self.in_flight:
+                metrics.in_flight.dec()
+        if not (self.envelope.quiet and status < 400):
+            logs.log_request(
+                method=method,
+                path=self.environ.get("PATH_INFO", ""),
+                status=status,
+                started=self.started,
+                remote=self.environ.get("REMOTE_ADDR"),
+                quiet_health=self.envelope.quiet_health,
+                complete=complete,
+            )
         structlog.contextvars.clear_contextvars()
 
     def _legacy_write(self, data: bytes) -> object:
         """PEP 3333's `write`, for apps that push their body instead of returning it."""
         return self.send_headers()(data)
+
+
+def _route(environ: Environ) -> str:
+    """The template of the rule that matched (`/items/<int:id>`), else UNMATCHED."""
+    template: str = environ.get(ROUTE, UNMATCHED)
+    return template
 
 
 class BodyLimit:
@@ -307,6 +345,13 @@ def _health_response(status: int, body: bytes) -> Response:
 def is_verbose(value: str | None) -> bool:
     """`?verbose=1` (or true, yes) asks for each datastore's result."""
     return (value or "").lower() in ("1", "true", "yes")
+
+
+def _note_route() -> None:
+    """Keep the matched rule where the Envelope finds it: Flask takes its request object out of
+    the environ when the request ends, before the Envelope writes the access line."""
+    if request.url_rule is not None:
+        request.environ[ROUTE] = request.url_rule.rule
 
 
 def _refuse_oversized_body() -> None:

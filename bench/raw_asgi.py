@@ -13,5 +13,8 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
     elif scope["type"] == "http":
+        # The request's message, taken: with hypercorn.toml's max_app_queue_size = 1 hypercorn
+        # otherwise waits for room for the next one, and a keep-alive connection stalls.
+        await receive()
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
         await send({"type": "http.response.body", "body": BODY})

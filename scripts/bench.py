@@ -61,6 +61,7 @@ class Server:
     port: int
     process: subprocess.Popen[bytes]
     log: Path
+    metrics_port: int = 0
 
     @property
     def url(self) -> str:
@@ -77,20 +78,25 @@ class Server:
 
 
 def start(
-    kind: str, name: str, env: dict[str, str] | None = None, cores: str = SERVER_CORE
+    kind: str,
+    name: str,
+    env: dict[str, str] | None = None,
+    cores: str = SERVER_CORE,
+    module: str = "application",
 ) -> Server:
     """hypercorn (asgi_app or the raw ceiling) or gunicorn (app), one process on core 0; or
-    as a user runs them, in WEB_CONCURRENCY processes: scripts/serve's launcher, gunicorn."""
+    as a user runs them, in WEB_CONCURRENCY processes: scripts/serve's launcher, gunicorn.
+    `module`: where `app` and `asgi_app` come from (one in bench/, or the service's own)."""
     port = free_port()
     bind = f"127.0.0.1:{port}"
-    pythonpath = str(ROOT)
+    pythonpath = str(ROOT) if module == "application" else f"{BENCH}{os.pathsep}{ROOT}"
     if kind == "serve":
         command = [sys.executable, "-m", "application.serve"]
     elif kind == "gunicorn-conf":
-        command = [str(BIN / "gunicorn"), "--bind", bind, "application:app"]
+        command = [str(BIN / "gunicorn"), "--bind", bind, f"{module}:app"]
     elif kind == "hypercorn":
         command = [str(BIN / "hypercorn"), "--config", "hypercorn.toml", "--bind", bind,
-                   "application:asgi_app"]  # fmt: skip
+                   f"{module}:asgi_app"]  # fmt: skip
     elif kind == "raw":
         command = [str(BIN / "hypercorn"), "--config", "hypercorn.toml", "--bind", bind,
                    "raw_asgi:app"]  # fmt: skip
@@ -106,6 +112,7 @@ def start(
         "PYTHONPATH": pythonpath,
         "PORT": str(port),
         "SHUTDOWN_DELAY": "0",  # nothing here is about the drain
+        "METRICS_PORT": str(free_port(port)),  # on, as by default, where nothing else listens
         **(env or {}),
     }
     log = OUT / f"{name}.log"
@@ -117,7 +124,7 @@ def start(
             stdout=stdout,
             stderr=subprocess.STDOUT,
         )
-    server = Server(name, port, process, log)
+    server = Server(name, port, process, log, int(full_env["METRICS_PORT"]))
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -748,6 +755,132 @@ def figure8(results: Results, seconds: float) -> None:
         )
 
 
+# What Prometheus sends with a scrape: OpenMetrics preferred, gzip accepted.
+SCRAPE_HEADERS = {
+    "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+    "Accept-Encoding": "gzip",
+}
+
+
+def figure9(results: Results, seconds: float) -> None:
+    """Metrics: what they cost `/health` under asgi_app (on against off, and against the raw
+    ceiling: the best of five interleaved runs each, as in figure 8, and the server's CPU time
+    per request, which other work on the machine moves less than throughput), and a scrape of
+    `/metrics` while wrk loads the server: its latency, and its size once 50 routes have been
+    requested."""
+    print("9. metrics: /health with metrics on and off; /metrics under load", flush=True)
+    runs: dict[str, list[WrkResult]] = {"raw": [], "off": [], "on": []}
+    cpu: dict[str, list[float]] = {"raw": [], "off": [], "on": []}  # µs of CPU per request
+    for label in ("raw", "off", "on") * 5:
+        if label == "raw":
+            server = start("raw", "fig9-raw")
+        else:
+            settings = {"METRICS_PORT": "0"} if label == "off" else {}
+            server = start("hypercorn", f"fig9-metrics-{label}", settings)
+        try:
+            used = _cpu_seconds(server.process.pid)
+            result = wrk(server.url + "/health", seconds)
+            used = _cpu_seconds(server.process.pid) - used
+        finally:
+            server.stop()
+        runs[label].append(result)
+        cpu[label].append(used / result.total_requests * 1e6)
+    raw, off, on = (max(run.rps for run in runs[kind]) for kind in ("raw", "off", "on"))
+    per_request = {kind: statistics.median(values) for kind, values in cpu.items()}
+
+    def each(kind: str) -> str:
+        return (
+            f"runs: {', '.join(f'{run.rps:,.0f}' for run in runs[kind])}; "
+            f"CPU {per_request[kind]:.0f} µs/request (median)"
+        )
+
+    results.add(
+        Row("9", "`/health` asgi_app, hypercorn, metrics off (`METRICS_PORT=0`)",
+            f"best {off:,.0f} req/s ({each('off')})", f"best {raw:,.0f} req/s raw ({each('raw')})",
+            off / raw)
+    )  # fmt: skip
+    results.add(
+        Row("9", "`/health` asgi_app, hypercorn, metrics on (the default)",
+            f"best {on:,.0f} req/s ({each('on')})", f"best {off:,.0f} req/s metrics off",
+            on / off, ">= 0.9x off", on / off >= 0.9, chart="metrics on / off")
+    )  # fmt: skip
+    cost = per_request["off"] / per_request["on"]  # as a throughput ratio: CPU-bound requests
+    results.add(
+        Row("9", "server CPU per `/health` request, metrics on (median of 5 runs)",
+            f"{per_request['on']:.0f} µs", f"{per_request['off']:.0f} µs metrics off",
+            cost, ">= 0.9x (off / on)", cost >= 0.9)
+    )  # fmt: skip
+    results.add(
+        Row("9", "`/health` asgi_app, hypercorn, metrics on, against the ceiling",
+            f"{on:,.0f} req/s", f"{raw:,.0f} req/s raw", on / raw, ">= 0.7x raw",
+            on / raw >= 0.7, chart="metrics on / raw")
+    )  # fmt: skip
+    ceiling = per_request["raw"] / per_request["on"]
+    results.add(
+        Row("9", "server CPU per `/health` request, metrics on, against the ceiling",
+            f"{per_request['on']:.0f} µs", f"{per_request['raw']:.0f} µs raw", ceiling,
+            ">= 0.7x (raw / on)", ceiling >= 0.7)
+    )  # fmt: skip
+    two = {"WEB_CONCURRENCY": "2"}
+    for kind, label, env in (
+        ("hypercorn", "hypercorn (its own registry)", {}),
+        ("gunicorn-conf", "gunicorn, 2 workers (the master adds up their files)", two),
+    ):
+        server = start(kind, f"fig9-scrape-{kind}", env, module="routes50")
+        try:
+            paths = [f"/r{number}/1" for number in range(50)] * 2 + ["/", "/health", "/nowhere"]
+            asyncio.run(_get_all(server.url, paths))
+            loaded = subprocess.Popen(
+                wrk_command(server.url + "/health", seconds), stdout=subprocess.PIPE, text=True
+            )
+            times, sizes = _scrapes(f"http://127.0.0.1:{server.metrics_port}/metrics", loaded)
+            output, _ = loaded.communicate(timeout=seconds + 30)
+        finally:
+            server.stop()
+        load = _parse_wrk(output)
+        times.sort()
+        text, zipped, series = sizes
+        results.add(
+            Row(
+                "9",
+                f"a scrape of `/metrics` under load, {label}, 50 routes requested",
+                f"p50 {times[len(times) // 2] * 1000:.1f} ms, "
+                f"p99 {times[int(len(times) * 0.99)] * 1000:.1f} ms over {len(times)} scrapes; "
+                f"{text:,} bytes ({zipped:,} gzipped, as Prometheus asks), {series:,} samples",
+                f"meanwhile wrk on `/health`: {fmt_wrk(load)}",
+            )
+        )
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _get_all(url: str, paths: list[str]) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=15) as client:
+        for path in paths:
+            await client.get(path)
+
+
+def _scrapes(url: str, loaded: subprocess.Popen[str]) -> tuple[list[float], tuple[int, int, int]]:
+    """Scrape every 0.1 s until `loaded` ends: each scrape's seconds, and the last one's size
+    as text, as gzip on the wire, and in samples."""
+    times: list[float] = []
+    with httpx.Client(timeout=15, headers=SCRAPE_HEADERS) as client:
+        while loaded.poll() is None:
+            started = time.perf_counter()
+            answer = client.get(url)
+            times.append(time.perf_counter() - started)
+            answer.raise_for_status()
+            time.sleep(0.1)
+        on_the_wire = int(answer.headers["content-length"])  # gzipped
+        text = answer.content  # httpx has undone the gzip
+    samples = sum(1 for line in text.splitlines() if line and not line.startswith(b"#"))
+    return times, (len(text), on_the_wire, samples)
+
+
 # -- report ------------------------------------------------------------------------------------
 
 
@@ -883,6 +1016,7 @@ def main() -> int:
         "6": lambda: figure6(results),
         "7": lambda: figure7(results),
         "8": lambda: figure8(results, seconds),
+        "9": lambda: figure9(results, seconds),
     }
     chosen = args.only.split(",") if args.only else list(figures)
     for number in chosen:

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import structlog
 import trustme
 
+import application
+from application import health, logs
+from application.config import Config
 from tests.faultproxy import FaultProxy
 from tests.pgcluster import PgCluster
 
@@ -74,3 +81,24 @@ def ca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ca") / "ca.pem"
     trustme.CA().cert_pem.write_to_path(str(path))
     return path
+
+
+@pytest.fixture
+def capture_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Config], io.StringIO]]:
+    """Logging set up for a config, to a StringIO; the service's own set-up comes back after.
+
+    The modules whose lines the tests read get fresh loggers: structlog caches a logger, with
+    the stream of its day, on first use.
+    """
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    stream = io.StringIO()
+
+    def configure(config: Config) -> io.StringIO:
+        logs.configure(config, stream)
+        for module in (logs, health):
+            monkeypatch.setattr(module, "log", structlog.get_logger())
+        return stream
+
+    yield configure
+    logs.configure(application.config)

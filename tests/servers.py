@@ -51,7 +51,8 @@ COMMANDS: dict[str, list[str]] = {
 def script_env() -> dict[str, str]:
     """The environment to run scripts/serve in: this run's interpreter (PYTHON, as scripts/test
     got it), a free PORT, and nothing else from the test's own environment."""
-    env = {"PATH": os.environ["PATH"], "PORT": str(free_port())}
+    port = free_port()
+    env = {"PATH": os.environ["PATH"], "PORT": str(port), "METRICS_PORT": str(free_port(port))}
     if python := os.environ.get("PYTHON"):
         env["PYTHON"] = python
     return env
@@ -64,6 +65,12 @@ def _logged_keys() -> frozenset[str]:
     field needs no list kept by hand, and a key nobody logs stands out.
     """
     keys = {"logger", "exception"}  # structlog's add_logger_name and format_exc_info
+    keys |= {  # application/trace.py's processor, for Cloud Logging in JSON
+        "severity",
+        "logging.googleapis.com/trace",
+        "logging.googleapis.com/spanId",
+        "logging.googleapis.com/trace_sampled",
+    }
     methods = {"debug", "info", "warning", "error", "exception", "critical", "bind",
                "bind_contextvars"}  # fmt: skip
     for path in [*ROOT.glob("application/*.py"), *ROOT.glob("tests/*_app.py")]:
@@ -100,10 +107,14 @@ def check_log_line(line: str) -> None:
     assert len(set(fields)) == len(fields), f"a field twice: {line!r}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(*taken: int) -> int:
+    """A port nothing listens on now, other than the ones `taken` by this test already."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in taken:
+            return port
 
 
 @dataclass
@@ -113,6 +124,7 @@ class Server:
     mode: str
     port: int
     process: subprocess.Popen[str]
+    metrics_port: int = 0  # 0: metrics off
     lines: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
     readers: list[threading.Thread] = field(default_factory=list)
@@ -120,6 +132,10 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def get(self, path: str, **kwargs: object) -> httpx.Response:
         kwargs.setdefault("timeout", 10)
@@ -186,6 +202,7 @@ def start(
         "PYTHONPATH": str(ROOT),
         "PORT": str(port),
         "SHUTDOWN_DELAY": "0",  # stop() at once, unless a test is about the drain
+        "METRICS_PORT": str(free_port(port)),  # on, as by default, where nothing else listens
         **(env or {}),
     }
     process = subprocess.Popen(
@@ -197,7 +214,7 @@ def start(
         text=True,
         bufsize=1,
     )
-    server = Server(mode, port, process)
+    server = Server(mode, port, process, int(full_env["METRICS_PORT"] or 0))
     server.readers = [_drain(process.stdout, server.lines), _drain(process.stderr, server.stderr)]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -9,6 +9,7 @@ import pytest
 
 from application.config import Config, ConfigError, Datastore, redact
 
+ROOT = Path(__file__).resolve().parent.parent  # a directory that exists
 CANARY = "s3cr3t-pw"  # a fake password, distinctive so that no leak can hide
 
 
@@ -25,6 +26,9 @@ def test_empty_environment_gives_the_embedded_default():
     assert config.web_concurrency == 1
     assert config.shutdown_delay == 10.0
     assert config.graceful_timeout == 15
+    assert config.metrics_port == 9464
+    assert config.multiprocess_dir is None
+    assert config.google_cloud_project is None
 
 
 def test_the_default_drain_fits_kubernetes_grace_period():
@@ -116,6 +120,15 @@ def test_datastore_urls_are_separated_by_any_whitespace():
         ({"SHUTDOWN_DELAY": "0"}, Config(shutdown_delay=0.0)),
         ({"SHUTDOWN_DELAY": "2.5"}, Config(shutdown_delay=2.5)),
         ({"GRACEFUL_TIMEOUT": "20"}, Config(graceful_timeout=20)),
+        ({"METRICS_PORT": "9100"}, Config(metrics_port=9100)),
+        ({"METRICS_PORT": "0"}, Config(metrics_port=0)),
+        ({"METRICS_PORT": "0", "PORT": "5000"}, Config(metrics_port=0)),
+        ({"PROMETHEUS_MULTIPROC_DIR": str(ROOT)}, Config(multiprocess_dir=str(ROOT))),
+        ({"GOOGLE_CLOUD_PROJECT": "my-project-1"}, Config(google_cloud_project="my-project-1")),
+        (
+            {"GOOGLE_CLOUD_PROJECT": "example.com:my-app"},
+            Config(google_cloud_project="example.com:my-app"),
+        ),
     ],
 )
 def test_valid_settings_are_read(environ, config):
@@ -200,6 +213,21 @@ ERRORS = [
     *[
         bad(f"graceful-timeout-{raw}", {"GRACEFUL_TIMEOUT": raw}, "GRACEFUL_TIMEOUT", repr(raw))
         for raw in ["0", "soon", "2.5"]
+    ],
+    *[
+        bad(f"metrics-port-{raw}", {"METRICS_PORT": raw}, "METRICS_PORT", repr(raw))
+        for raw in ["on", "-1", "65536"]
+    ],
+    bad("metrics-port-is-port", {"PORT": "8000", "METRICS_PORT": "8000"}, "METRICS_PORT", "8000"),
+    bad("metrics-port-default-port", {"METRICS_PORT": "5000"}, "METRICS_PORT", "PORT"),
+    bad(
+        "multiprocess-dir",
+        {"PROMETHEUS_MULTIPROC_DIR": "/nonexistent/dir"},
+        *("PROMETHEUS_MULTIPROC_DIR", "/nonexistent/dir"),
+    ),
+    *[
+        bad(f"google-project-{raw}", {"GOOGLE_CLOUD_PROJECT": raw}, "GOOGLE_CLOUD_PROJECT")
+        for raw in ["My-Project", "proj/x", "abc", "a b c d e f", "1project"]
     ],
 ]
 

@@ -28,6 +28,15 @@ def _required(variable: str, default: str) -> str:
     return os.environ.get(variable) or default
 
 
+@pytest.fixture(autouse=True)
+def _fresh_log_context() -> Iterator[None]:
+    """Every test starts and ends with nothing bound to its log lines: Flask's test client
+    never closes a response it has read, so a request id bound for one would outlive it."""
+    structlog.contextvars.clear_contextvars()
+    yield
+    structlog.contextvars.clear_contextvars()
+
+
 @pytest.fixture(scope="session")
 def database_url() -> str:
     return _required("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -60,13 +60,6 @@ def render(event: str = "hello", **pairs: object) -> str:
     return logs.render_line(None, "info", event_dict)
 
 
-@pytest.fixture(autouse=True)
-def _clear_contextvars():
-    """What a test binds is not seen by the next one."""
-    yield
-    structlog.contextvars.clear_contextvars()
-
-
 @pytest.fixture
 def configure(monkeypatch):
     """Configure logging to a StringIO; the service's own configuration comes back after."""

@@ -23,7 +23,6 @@ FILE = Path(__file__).with_name("contract_file.txt")
 app.secret_key = "contract-tests-only"  # noqa: S105 - signs the test session cookie
 
 
-
 def _digest(data: bytes) -> list[object]:
     return [len(data), hashlib.sha256(data).hexdigest()[:16]]
 

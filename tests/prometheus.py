@@ -50,9 +50,7 @@ class Prometheus:
         answer.raise_for_status()
         return answer.json()["data"]["result"]  # type: ignore[no-any-return]
 
-    def wait_for(
-        self, promql: str, holds: Callable[[Result], bool], timeout: float = 30
-    ) -> Result:
+    def wait_for(self, promql: str, holds: Callable[[Result], bool], timeout: float = 30) -> Result:
         """The query's result once `holds(result)`, polled every 0.2 s; fails after `timeout`."""
         deadline = time.monotonic() + timeout
         result = self.query(promql)

@@ -242,4 +242,3 @@ def test_sigint_stops_at_once_without_the_delay(subject: Subject) -> None:
     server.stop()
     assert code == 0
     assert exited < 5
-

@@ -163,7 +163,10 @@ def test_every_line_of_a_traced_request_carries_its_trace(
 ) -> None:
     """/health with a refused database: its probe line and its access line; / (Flask under
     both servers): its access line. Every line with the request's id has the trace too."""
-    env = {"LOG_FORMAT": log_format, "DATABASE_URL": f"postgresql://127.0.0.1:{servers.free_port()}/x"}
+    env = {
+        "LOG_FORMAT": log_format,
+        "DATABASE_URL": f"postgresql://127.0.0.1:{servers.free_port()}/x",
+    }
     server = servers.start(mode, env)
     try:
         headers = {"traceparent": f"00-{TRACE}-{SPAN}-01", "X-Request-ID": "traced-1"}

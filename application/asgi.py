@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import parse_qs, unquote_to_bytes
+from urllib.parse import unquote_to_bytes
 
 import structlog
 from flask import Flask
@@ -27,15 +27,14 @@ from .exporter import Exporter, cannot_listen
 from .health import HealthChecker, Report
 from .metrics import UNMATCHED, Metrics
 from .web import (
-    HEALTH_METHODS,
     STARTED,
     Environ,
     ErrorStream,
     ExcInfo,
     WsgiApp,
-    health,
-    is_verbose,
-    live,
+    health_answer,
+    health_route,
+    no_body,
     trust_proxies,
 )
 
@@ -62,13 +61,7 @@ class AsgiApp:
         self.exporter: Exporter | None = None
         threads = self.config.wsgi_threads
         self.threads = Threads(threads, max_waiting=WAITING_PER_THREAD * threads)
-        self._forwarded = trust_proxies(_no_body, self.config.trusted_proxies)
-        # The health blueprint's routes, answered here: path -> endpoint ("health.ready", ...).
-        self._health_paths = {
-            rule.rule: rule.endpoint
-            for rule in flask_app.url_map.iter_rules()
-            if rule.endpoint.startswith(f"{health.name}.")
-        }
+        self._forwarded = trust_proxies(no_body, self.config.trusted_proxies)
         self._routes = flask_app.url_map.bind("")  # for the requests refused before Flask
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -78,8 +71,9 @@ class AsgiApp:
             if self.metrics is not None:  # in flight from here: waiting for a thread counts
                 self.metrics.in_flight.inc()
             try:
-                if path_info in self._health_paths and scope["method"] in HEALTH_METHODS:
-                    await self._health(scope, path_info, receive, send)
+                readiness = health_route(path_info, scope["method"])
+                if readiness is not None:
+                    await self._health(scope, path_info, readiness, receive, send)
                 else:
                     await self._wsgi(scope, script_name, path_info, receive, send)
             finally:
@@ -90,19 +84,18 @@ class AsgiApp:
         else:
             await send({"type": "websocket.close"})
 
-    async def _health(self, scope: Scope, path: str, receive: Receive, send: Send) -> None:
+    async def _health(
+        self, scope: Scope, path: str, readiness: bool, receive: Receive, send: Send
+    ) -> None:
+        """A health route, answered on the event loop as the Envelope answers it in a thread."""
         started = time.perf_counter()
         request_id = _bind_request(scope)
         if (await receive()).get("more_body"):  # taken, or hypercorn waits for it for ever
             _drop_the_rest(receive)  # a health check with a body: nothing reads it
         try:
-            if self._health_paths[path] == f"{health.name}.{live.__name__}":
-                status, body = 200, Report().body(self.config.commit)
-            else:
-                report = await self.checker.wait()
-                query = parse_qs(scope["query_string"].decode("latin-1"))
-                verbose = is_verbose(query.get("verbose", [""])[0])
-                status, body = report.http_status, report.body(self.config.commit, verbose=verbose)
+            report = await self.checker.wait() if readiness else Report()
+            query = scope["query_string"].decode("latin-1")
+            status, body = health_answer(report, self.config.commit, query)
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", b"%d" % len(body)),
@@ -558,7 +551,3 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
-
-
-def _no_body(environ: Environ, start_response: object) -> list[bytes]:
-    return []

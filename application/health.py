@@ -141,8 +141,19 @@ class HealthChecker:
                 async with asyncio.timeout(self.timeout + WAIT_GRACE):
                     await answered
             except TimeoutError:
-                return self._unanswered(f"timed out after {self.timeout:g} s", started)
+                return self._timed_out(started)
         return current.result()
+
+    def wait_in_thread(self) -> Report:
+        """`wait()` for a thread with no event loop (a WSGI server's): a cached report costs
+        no loop at all, a round in flight blocks this thread only."""
+        if draining():
+            return Report(shutting_down=True)
+        started = time.perf_counter()
+        try:
+            return self.report().result(self.timeout + WAIT_GRACE)
+        except TimeoutError:
+            return self._timed_out(started)
 
     def close(self, timeout: float = 2.0) -> None:
         """Answer every waiter, end the round in flight, close the probes and stop the loop.
@@ -227,6 +238,9 @@ class HealthChecker:
         if self.metrics is not None:
             self.metrics.probe_done(probe.name, check.duration_ms / 1000, failure)
         return check
+
+    def _timed_out(self, started: float) -> Report:
+        return self._unanswered(f"timed out after {self.timeout:g} s", started)
 
     def _unanswered(self, reason: str, started: float | None = None) -> Report:
         """Every datastore failed for `reason`: the answer when the round gave none."""

@@ -1,4 +1,5 @@
-"""The Flask app: an index, the health routes, and the envelope every request travels in."""
+"""The Flask app: an index, and the envelope every request travels in, which answers the
+health routes itself."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
+from http import HTTPStatus
 from types import TracebackType
 from typing import Any
+from urllib.parse import parse_qs
 
 import structlog
-from flask import Blueprint, Flask, Response, abort, current_app, request
+from flask import Flask, Response, abort, current_app, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -25,6 +28,8 @@ from .metrics import UNMATCHED, Metrics, instruments
 from .probes import probe_for
 
 HEALTH_METHODS = ["GET", "HEAD", "OPTIONS"]  # HAProxy's `option httpchk /health` sends OPTIONS
+# The health routes: path -> whether it asks the datastores (readiness) or not (liveness).
+HEALTH_ROUTES = {"/health": True, "/health/ready": True, "/health/live": False}
 # environ key: when the server took the request (perf_counter), set by asgi_app, which then
 # counts the request in flight itself, from that moment on
 STARTED = "application.started"
@@ -35,7 +40,6 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 StartResponse = Callable[..., Callable[[bytes], object]]
 WsgiApp = Callable[[Environ, Any], Iterable[bytes]]  # Any: each server has its own start_response
 
-health = Blueprint("health", __name__)
 _log = logging.getLogger("application")  # Flask's own app.logger, for an app named "application"
 
 
@@ -55,10 +59,30 @@ def create_app(config: Config, checker: HealthChecker | None = None) -> Flask:
         app.before_request(_note_route)  # first: it must see every request Flask routes
     app.before_request(_refuse_oversized_body)
     app.register_error_handler(HTTPException, _error_as_json)
-    app.register_blueprint(health)
     app.add_url_rule("/", "index", _index)
-    app.wsgi_app = Envelope(trust_proxies(app.wsgi_app, config.trusted_proxies), config, metrics)  # type: ignore[method-assign]
+    # The Envelope answers the health routes before Flask; Flask knows their rules, for
+    # `url_for` and for the 405 to any other method, but has no view to run for them.
+    for path, readiness in HEALTH_ROUTES.items():
+        endpoint = "health.ready" if readiness else "health.live"
+        app.add_url_rule(path, endpoint, methods=HEALTH_METHODS, provide_automatic_options=False)
+    wsgi_app = trust_proxies(app.wsgi_app, config.trusted_proxies)
+    app.wsgi_app = Envelope(wsgi_app, config, metrics, health=app.extensions["health"])  # type: ignore[method-assign]
     return app
+
+
+def health_route(path: str, method: str) -> bool | None:
+    """For a health check answered before Flask, whether it asks the datastores; else None."""
+    return HEALTH_ROUTES.get(path) if method in HEALTH_METHODS else None
+
+
+def health_answer(report: Report, commit: str, query: str) -> tuple[int, bytes]:
+    """A health check's status and JSON; `?verbose=1` (or true, yes) adds each datastore's."""
+    verbose = "verbose" in query and parse_qs(query).get("verbose", [""])[0].lower() in (
+        "1",
+        "true",
+        "yes",
+    )
+    return report.http_status, report.body(commit, verbose=verbose)
 
 
 def trust_proxies(app: WsgiApp, hops: int) -> WsgiApp:
@@ -73,16 +97,27 @@ class Envelope:
     while it runs, and unbound after; `wsgi.errors` into the log; a body without a length
     held to MAX_BODY_SIZE; a response that fails before its first byte made a JSON 500; and
     one access line with the status the client got; and the request counted in the metrics, by
-    its route template (`metrics` None: not counted).
+    its route template (`metrics` None: not counted). The health routes are answered here,
+    from `health`, without Flask: a load balancer's check costs no dispatch, and a cached
+    report no event loop.
 
     `quiet`: no access line for a successful request at all (the metrics listener's scrapes,
     under LOG_QUIET_HEALTH); failures are always logged.
     """
 
     def __init__(
-        self, app: WsgiApp, config: Config, metrics: Metrics | None, *, quiet: bool = False
+        self,
+        app: WsgiApp,
+        config: Config,
+        metrics: Metrics | None,
+        *,
+        health: HealthChecker | None = None,
+        quiet: bool = False,
     ) -> None:
         self.app = app
+        self.health = health
+        self.commit = config.commit
+        self._forwarded = trust_proxies(no_body, config.trusted_proxies)
         self.quiet_health = config.log_quiet_health
         self.quiet = quiet
         self.max_body_size = config.max_body_size
@@ -90,6 +125,10 @@ class Envelope:
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         exchange = _Exchange(environ, start_response, self)
+        if self.health is not None:
+            readiness = health_route(environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"])
+            if readiness is not None:
+                return self._health(self.health, readiness, environ, exchange)
         environ["wsgi.errors"] = ErrorStream()
         if not environ.get("CONTENT_LENGTH"):
             environ["wsgi.input"] = BodyLimit(environ["wsgi.input"], self.max_body_size)
@@ -113,6 +152,23 @@ class Envelope:
             exchange.finish(complete=True)
             return []
         return _Body(first, rest, iterable, exchange)
+
+    def _health(
+        self, checker: HealthChecker, readiness: bool, environ: Environ, exchange: _Exchange
+    ) -> _Body:
+        report = checker.wait_in_thread() if readiness else Report()
+        status, body = health_answer(report, self.commit, environ.get("QUERY_STRING", ""))
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+        ]
+        exchange.start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+        exchange.send_headers()
+        environ[ROUTE] = environ["PATH_INFO"]
+        self._forwarded(environ, None)  # REMOTE_ADDR for the access line, as Flask's
+        sent = b"" if environ["REQUEST_METHOD"] == "HEAD" else body  # as werkzeug does
+        return _Body(sent, iter(()), (), exchange)
 
 
 class _Exchange:
@@ -319,34 +375,6 @@ def _index() -> Response:
     )
 
 
-@health.route("/health", methods=HEALTH_METHODS, provide_automatic_options=False)
-@health.route("/health/ready", methods=HEALTH_METHODS, provide_automatic_options=False)
-async def ready() -> Response:
-    """Healthy only when every configured datastore answered within the deadline."""
-    checker: HealthChecker = current_app.extensions["health"]
-    report = await checker.wait()
-    verbose = is_verbose(request.args.get("verbose"))
-    body = report.body(current_app.config["SERVICE"].commit, verbose=verbose)
-    return _health_response(report.http_status, body)
-
-
-@health.route("/health/live", methods=HEALTH_METHODS, provide_automatic_options=False)
-def live() -> Response:
-    """Alive while the process serves; asks no datastore, so an outage restarts nothing."""
-    return _health_response(200, Report().body(current_app.config["SERVICE"].commit))
-
-
-def _health_response(status: int, body: bytes) -> Response:
-    response = Response(body, status, mimetype="application/json")
-    response.headers["Cache-Control"] = "no-store"
-    return response
-
-
-def is_verbose(value: str | None) -> bool:
-    """`?verbose=1` (or true, yes) asks for each datastore's result."""
-    return (value or "").lower() in ("1", "true", "yes")
-
-
 def _note_route() -> None:
     """Keep the matched rule where the Envelope finds it: Flask takes its request object out of
     the environ when the request ends, before the Envelope writes the access line."""
@@ -372,3 +400,7 @@ def _error_as_json(error: HTTPException) -> Response:
 
 def _json(status: int, document: object) -> Response:
     return Response(json.dumps(document), status, mimetype="application/json")
+
+
+def no_body(environ: Environ, start_response: object) -> list[bytes]:
+    return []

@@ -8,6 +8,7 @@ import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import SplitResult, urlsplit
 
 from .tls import tls_context, tls_parameters
@@ -26,12 +27,11 @@ COMMIT_VARIABLES = (
 )
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
 
-# Serving processes when WEB_CONCURRENCY is unset: one, for both servers. A container is the
-# unit a platform scales, so it runs more containers rather than more processes in one; one
-# process also means one probe connection per datastore per container. Platforms that size
-# a container to several cores say so by setting WEB_CONCURRENCY (Heroku's Python buildpack
-# does). Change the default here, and only here.
-WEB_CONCURRENCY = 1
+# Serving processes when WEB_CONCURRENCY is unset: one per core this process may use
+# (`usable_cores`), for both servers. A process serves Python on one core at a time, so fewer
+# leave cores idle (two processes on two cores served 1.8 times one: README, "Processes"), and
+# more only take turns. A container given one core, the common case, runs one process.
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>", or "max <period>"
 
 # The drain on SIGTERM (application/drain.py): readiness fails at once and serving goes on for
 # SHUTDOWN_DELAY s, longer than the README's balancers take to notice (HAProxy inter 2 s x
@@ -53,6 +53,17 @@ _FALSE = ("", "0", "false", "no", "off")
 
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names the variable and never a password."""
+
+
+def usable_cores(cpu_max: str = CGROUP_CPU_MAX) -> int:
+    """The cores this process may run on (its CPU affinity: `taskset`, a cpuset), fewer where
+    a cgroup's CPU quota allows less (a container's `--cpus`, a Kubernetes CPU limit)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path(cpu_max).read_text().split()
+        return max(1, min(cores, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file, or "max": no quota
+        return cores
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +98,7 @@ class Config:
     wsgi_threads: int = 32
     max_body_size: int = 16 * 1024 * 1024
     trusted_proxies: int = 0
-    web_concurrency: int = WEB_CONCURRENCY
+    web_concurrency: int = field(default_factory=usable_cores)
     shutdown_delay: float = SHUTDOWN_DELAY
     graceful_timeout: int = GRACEFUL_TIMEOUT
     metrics_port: int = METRICS_PORT  # 0: no metrics at all, neither listener nor counting
@@ -111,7 +122,7 @@ class Config:
             wsgi_threads=_integer(environ, "WSGI_THREADS", 32, 1, 1024),
             max_body_size=_integer(environ, "MAX_BODY_SIZE", 16 * 1024 * 1024, 0, 1 << 40),
             trusted_proxies=_integer(environ, "TRUSTED_PROXIES", 0, 0, 16),
-            web_concurrency=_integer(environ, "WEB_CONCURRENCY", WEB_CONCURRENCY, 1, 256),
+            web_concurrency=_integer(environ, "WEB_CONCURRENCY", usable_cores(), 1, 256),
             shutdown_delay=_seconds(environ, "SHUTDOWN_DELAY", SHUTDOWN_DELAY, allow_zero=True),
             graceful_timeout=_integer(environ, "GRACEFUL_TIMEOUT", GRACEFUL_TIMEOUT, 1, 3600),
             metrics_port=_metrics_port(environ),

@@ -203,6 +203,7 @@ def start(
         "PORT": str(port),
         "SHUTDOWN_DELAY": "0",  # stop() at once, unless a test is about the drain
         "METRICS_PORT": str(free_port(port)),  # on, as by default, where nothing else listens
+        "WEB_CONCURRENCY": "1",  # one process unless a test asks (by default: one a core)
         **(env or {}),
     }
     process = subprocess.Popen(

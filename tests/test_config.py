@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from application.config import Config, ConfigError, Datastore, redact
+from application.config import Config, ConfigError, Datastore, redact, usable_cores
 
 ROOT = Path(__file__).resolve().parent.parent  # a directory that exists
 CANARY = "s3cr3t-pw"  # a fake password, distinctive so that no leak can hide
@@ -23,12 +23,33 @@ def test_empty_environment_gives_the_embedded_default():
     assert config.log_level == "INFO"
     assert config.log_format == "text"
     assert config.log_quiet_health is False
-    assert config.web_concurrency == 1
+    assert config.web_concurrency == usable_cores()
     assert config.shutdown_delay == 10.0
     assert config.graceful_timeout == 15
     assert config.metrics_port == 9464
     assert config.multiprocess_dir is None
     assert config.google_cloud_project is None
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cores"),
+    [
+        ("max 100000\n", 3),  # no quota: the affinity's cores
+        ("200000 100000\n", 2),  # `--cpus 2`
+        ("150000 100000\n", 2),  # 1.5 cores: two processes use them all
+        ("50000 100000\n", 1),  # half a core: still one
+        ("800000 100000\n", 3),  # a quota above the cores this process may run on
+        (None, 3),  # no cgroup v2 file
+    ],
+)
+def test_usable_cores_are_the_affinity_capped_by_the_cgroup_quota(
+    tmp_path, monkeypatch, cpu_max, cores
+):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    assert usable_cores(str(path)) == cores
 
 
 def test_the_default_drain_fits_kubernetes_grace_period():

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from application.config import usable_cores
 from tests import servers
 from tests.conftest import through
 from tests.faultproxy import FaultProxy
@@ -36,9 +37,9 @@ def test_web_concurrency_sets_the_number_of_serving_processes(mode: str) -> None
     assert all(expected in command for command in commands), commands
 
 
-def test_one_process_by_default_is_hypercorn_itself() -> None:
-    """Without WEB_CONCURRENCY scripts/serve becomes hypercorn: no launcher stays behind."""
-    server = servers.start("serve")
+def test_one_process_is_hypercorn_itself() -> None:
+    """WEB_CONCURRENCY=1: scripts/serve becomes hypercorn, no launcher stays behind."""
+    server = servers.start("serve", {"WEB_CONCURRENCY": "1"})
     try:
         command = Path(f"/proc/{server.process.pid}/cmdline").read_bytes().split(b"\0")
         children = server.children()
@@ -46,6 +47,19 @@ def test_one_process_by_default_is_hypercorn_itself() -> None:
         server.stop()
     assert command[1:3] == [b"-m", b"hypercorn"]
     assert children == []
+
+
+@pytest.mark.parametrize("mode", ["serve", "gunicorn"])
+def test_without_web_concurrency_one_process_serves_per_usable_core(mode: str) -> None:
+    """Unset, WEB_CONCURRENCY is the cores this machine lets the process use."""
+    cores = usable_cores()
+    expected = 0 if mode == "serve" and cores == 1 else cores  # one hypercorn: the process
+    server = servers.start(mode, {"WEB_CONCURRENCY": ""})
+    try:
+        serving = server.children(expected)
+    finally:
+        server.stop()
+    assert len(serving) == expected
 
 
 def test_a_burst_of_keep_alive_connections_is_spread_over_the_hypercorns() -> None:

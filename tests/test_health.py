@@ -152,12 +152,20 @@ def test_concurrent_callers_share_one_round(
     assert database_proxy.accepted <= 1
 
 
+# The two ways to wait for a report: on an event loop, and in a thread without one (WSGI).
+WAITS: dict[str, Callable[[HealthChecker], Report]] = {
+    "on a loop": lambda checker: asyncio.run(checker.wait()),
+    "in a thread": HealthChecker.wait_in_thread,
+}
+
+
+@pytest.mark.parametrize("wait", WAITS.values(), ids=WAITS.keys())
 def test_a_draining_process_is_shutting_down_without_asking_a_datastore(
-    make_checker: MakeChecker, database, database_proxy: FaultProxy, monkeypatch
+    make_checker: MakeChecker, database, database_proxy: FaultProxy, monkeypatch, wait
 ):
-    """From SIGTERM on, wait() is a 503 "shutting down" at once, and no probe connects."""
+    """From SIGTERM on, a wait is a 503 "shutting down" at once, and no probe connects."""
     monkeypatch.setattr("application.health.draining", lambda: True)
-    report = asyncio.run(make_checker(database).wait())
+    report = wait(make_checker(database))
     assert (report.http_status, report.healthy) == (503, False)
     assert report.body("c") == b'{"commit": "c", "status": "shutting down"}'
     assert database_proxy.accepted == 0
@@ -301,15 +309,29 @@ def test_close_opens_no_connection_afterwards(
     assert database_proxy.wait_open(0, timeout=2)
 
 
-async def test_wait_answers_by_its_own_bound_when_the_round_overruns():
-    """A round stuck past its deadline: wait() answers by timeout + WAIT_GRACE, not after it."""
+@pytest.mark.parametrize("wait", WAITS.values(), ids=WAITS.keys())
+def test_a_wait_answers_by_its_own_bound_when_the_round_overruns(wait):
+    """A round stuck past its deadline: a wait answers by timeout + WAIT_GRACE, not after it."""
     checker = HealthChecker([BlockingProbe()], timeout=TIMEOUT, cache_ttl=0)
     try:
         with runs_under(TIMEOUT + WAIT_GRACE + SLACK):
-            report = await checker.wait()
+            report = wait(checker)
         assert report.status == f"stuck: timed out after {TIMEOUT:g} s"
     finally:
-        await asyncio.to_thread(checker.close, 5)
+        checker.close(5)
+
+
+def test_threads_waiting_without_a_loop_share_the_round_in_flight(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy
+):
+    """50 WSGI threads asking during one slow round: one connection, one report for all."""
+    database_proxy.set_mode("delay", delay=0.3)
+    checker = make_checker(database, timeout=2.0, cache_ttl=5.0)
+    with ThreadPoolExecutor(50) as pool:
+        reports = list(pool.map(lambda _: checker.wait_in_thread(), range(50)))
+    assert all(report is reports[0] for report in reports)
+    assert reports[0].healthy
+    assert database_proxy.accepted == 1
 
 
 def in_a_forked_child(check: Callable[[], str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import re
 
+import flask
 import pytest
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import MethodNotAllowed, ServiceUnavailable, Unauthorized
@@ -204,3 +205,21 @@ def test_an_http_error_keeps_its_headers_in_json(app, error, header, value):
     assert response.headers[header] == value
     assert response.headers["Content-Type"] == "application/json"
     assert response.json == {"error": error.name, "status": error.code}
+
+
+@pytest.mark.parametrize("path", ["/health", "/health/ready", "/health/live"])
+def test_health_is_answered_before_flask_and_its_hooks(app, path):
+    """A team's before_request (authentication, say) never turns a load balancer away."""
+
+    @app.before_request
+    def refuse_everyone():
+        raise Unauthorized()
+
+    assert app.test_client().get(path).status_code == 200
+    assert app.test_client().get("/").status_code == 401
+
+
+def test_flask_still_knows_the_health_routes(app):
+    with app.test_request_context():
+        assert flask.url_for("health.ready") == "/health"  # the first of its two rules
+        assert flask.url_for("health.live", _external=True) == "http://localhost/health/live"

@@ -9,6 +9,8 @@ import sys
 import tempfile
 from typing import Any
 
+from gunicorn import glogging
+
 # Several workers: prometheus_client keeps each one's numbers in files of this directory, and
 # this master serves their sum on METRICS_PORT. The client reads the variable when it is first
 # imported, so it is set before `application` (which imports it) is; the workers, forked from
@@ -73,3 +75,16 @@ control_socket_disable = True
 # The app writes the one access line per request; gunicorn's records go to the root logger.
 accesslog = None
 logconfig_dict = logs.dict_config(service)
+
+
+class Logger(glogging.Logger):
+    """gunicorn's logger without its access log, which a `logconfig_dict` turns on: gunicorn
+    would build its atoms for every request (headers, environ) for a line nobody writes."""
+
+    access_log_enabled = False  # gunicorn 27 asks this before it builds anything
+
+    def access(self, *args: object, **kwargs: object) -> None:
+        """The app's access line is the one (application/web.py)."""
+
+
+logger_class = Logger

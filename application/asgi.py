@@ -27,9 +27,9 @@ from .exporter import Exporter, cannot_listen
 from .health import HealthChecker, Report
 from .metrics import UNMATCHED, Metrics
 from .web import (
+    ERRORS,
     STARTED,
     Environ,
-    ErrorStream,
     ExcInfo,
     WsgiApp,
     health_answer,
@@ -510,7 +510,7 @@ def _environ(scope: Scope, script_name: str, path_info: str, body: RequestBody) 
         "wsgi.url_scheme": scope.get("scheme", "http"),
         "wsgi.input": body,
         "wsgi.input_terminated": True,
-        "wsgi.errors": ErrorStream(),
+        "wsgi.errors": ERRORS,
         "wsgi.multithread": True,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,

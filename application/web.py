@@ -55,9 +55,7 @@ def create_app(config: Config, checker: HealthChecker | None = None) -> Flask:
         cache_ttl=config.health_cache_ttl,
         metrics=metrics,
     )
-    if metrics is not None:
-        app.before_request(_note_route)  # first: it must see every request Flask routes
-    app.before_request(_refuse_oversized_body)
+    app.before_request(_before_view)
     app.register_error_handler(HTTPException, _error_as_json)
     app.add_url_rule("/", "index", _index)
     # The Envelope answers the health routes before Flask; Flask knows their rules, for
@@ -129,7 +127,7 @@ class Envelope:
             readiness = health_route(environ.get("PATH_INFO", ""), environ["REQUEST_METHOD"])
             if readiness is not None:
                 return self._health(self.health, readiness, environ, exchange)
-        environ["wsgi.errors"] = ErrorStream()
+        environ["wsgi.errors"] = ERRORS
         if not environ.get("CONTENT_LENGTH"):
             environ["wsgi.input"] = BodyLimit(environ["wsgi.input"], self.max_body_size)
         iterable: Iterable[bytes] = ()
@@ -343,6 +341,9 @@ class ErrorStream:
 _thread_loops = threading.local()
 
 
+ERRORS = ErrorStream()  # one for every request: it keeps nothing of its own
+
+
 def run_on_thread_loop(
     func: Callable[..., Coroutine[Any, Any, Any]],
 ) -> Callable[..., Any]:
@@ -375,16 +376,13 @@ def _index() -> Response:
     )
 
 
-def _note_route() -> None:
-    """Keep the matched rule where the Envelope finds it: Flask takes its request object out of
-    the environ when the request ends, before the Envelope writes the access line."""
+def _before_view() -> None:
+    """Note the matched rule where the Envelope finds it: Flask takes its request object out of
+    the environ when the request ends, before the access line and the metrics. Refuse a declared
+    length over MAX_BODY_SIZE before anything reads the body (a body without one is held to it
+    as it is read: `BodyLimit`)."""
     if request.url_rule is not None:
         request.environ[ROUTE] = request.url_rule.rule
-
-
-def _refuse_oversized_body() -> None:
-    """A declared length over MAX_BODY_SIZE is refused before anything reads the body
-    (a body without one is held to it as it is read: `BodyLimit`)."""
     limit = current_app.config["SERVICE"].max_body_size
     if request.content_length is not None and request.content_length > limit:
         abort(413)

@@ -182,7 +182,7 @@ class Server:
 
 def start(
     mode: str,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str | None] | None = None,
     *,
     module: str = "application",
     ready: str = "/health/live",
@@ -196,7 +196,7 @@ def start(
     parts = [part.format(port=port, module=module) for part in {**MODES, **COMMANDS}[mode]]
     *command, app = parts
     command = [str(BIN / command[0]), *command[1:], *args, app]
-    full_env = {
+    given = {
         "PATH": os.environ["PATH"],
         "COMMIT_SHA": "test-commit",
         "PYTHONPATH": str(ROOT),
@@ -206,6 +206,7 @@ def start(
         "WEB_CONCURRENCY": "1",  # one process unless a test asks (by default: one a core)
         **(env or {}),
     }
+    full_env = {name: value for name, value in given.items() if value is not None}  # None: unset
     process = subprocess.Popen(
         command,
         cwd=ROOT,

@@ -54,7 +54,7 @@ def test_without_web_concurrency_one_process_serves_per_usable_core(mode: str) -
     """Unset, WEB_CONCURRENCY is the cores this machine lets the process use."""
     cores = usable_cores()
     expected = 0 if mode == "serve" and cores == 1 else cores  # one hypercorn: the process
-    server = servers.start(mode, {"WEB_CONCURRENCY": ""})
+    server = servers.start(mode, {"WEB_CONCURRENCY": None})  # unset
     try:
         serving = server.children(expected)
     finally:

@@ -12,11 +12,9 @@ import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 
-from application import drain
 from application.drain import EXIT_GRACE
 from tests import servers
 from tests.conftest import through
@@ -77,42 +75,6 @@ def exchange(sock: socket.socket, path: str) -> http.client.HTTPResponse:
     response.begin()
     response.read()
     return response
-
-
-KEEP_ALIVE = [(b"connection", b"keep-alive")]
-
-
-@pytest.mark.parametrize(
-    ("http_version", "is_draining", "app_headers", "connection"),
-    [
-        ("1.1", False, [], []),
-        ("1.1", True, [], [b"close"]),
-        ("1.0", True, [], [b"close"]),
-        ("1.1", True, KEEP_ALIVE, [b"close"]),
-        ("2", True, [], []),  # HTTP/2 forbids the header (h2 would refuse the response)
-    ],
-)
-async def test_a_response_started_while_draining_asks_for_a_new_connection(
-    http_version: str,
-    is_draining: bool,
-    app_headers: list[tuple[bytes, bytes]],
-    connection: list[bytes],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """`track`'s send: one `Connection: close` on HTTP/1 while draining, else as the app sent."""
-    sent: list[dict[str, Any]] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    monkeypatch.setattr(drain, "draining", lambda: is_draining)
-    headers = [(b"content-type", b"text/plain"), *app_headers]
-    tracked = drain.track({"type": "http", "http_version": http_version}, send)
-    await tracked({"type": "http.response.start", "status": 200, "headers": headers})
-    await tracked({"type": "http.response.body", "body": b"x"})
-    [start, body] = sent
-    assert [value for name, value in start["headers"] if name == b"connection"] == connection
-    assert body == {"type": "http.response.body", "body": b"x"}
 
 
 @pytest.mark.parametrize("subject", ONE_PROCESS, indirect=True)
@@ -242,4 +204,3 @@ def test_sigint_stops_at_once_without_the_delay(subject: Subject) -> None:
     server.stop()
     assert code == 0
     assert exited < 5
-

@@ -1,5 +1,5 @@
-"""WEB_CONCURRENCY: serving processes under scripts/serve (application/serve.py) and gunicorn,
-each with its own probe pool, and a failing one failing the whole."""
+"""WEB_CONCURRENCY under real servers: serving processes under scripts/serve (application/serve.py)
+and gunicorn, each with its own probe pool, and a failing one failing the whole."""
 
 from __future__ import annotations
 

@@ -233,6 +233,29 @@ def test_the_instruments_are_the_documented_catalogue():
     assert documented == {name: kind for name, (kind, _) in CATALOGUE.items()}
 
 
+def buckets(exposition: str, histogram: str) -> list[str]:
+    """The upper bounds of a histogram's buckets, as a scrape shows them."""
+    bounds = re.findall(rf'^{histogram}_bucket{{.*le="([^"]+)"', exposition, re.M)
+    return list(dict.fromkeys(bounds))
+
+
+def test_each_histogram_has_the_documented_buckets():
+    """Requests 5 ms to 10 s with 0.75 and 1 s either side of HEALTH_TIMEOUT's 0.8 s; probes
+    1 ms to 5 s (README, "Metrics")."""
+    metrics = instruments()
+    metrics.request_done("GET", "/buckets", 200, 0.01)
+    metrics.probe_done("buckets", 0.01, None)
+    exposition = generate_latest(REGISTRY).decode()
+    assert buckets(exposition, "http_request_duration_seconds") == [
+        "0.005", "0.01", "0.025", "0.05", "0.075", "0.1", "0.25", "0.5", "0.75", "1.0", "2.5",
+        "5.0", "7.5", "10.0", "+Inf",
+    ]  # fmt: skip
+    assert buckets(exposition, "health_probe_duration_seconds") == [
+        "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5",
+        "5.0", "+Inf",
+    ]  # fmt: skip
+
+
 def test_each_method_route_and_status_is_a_series_of_its_own():
     """Requests that differ in method or in status alone are counted apart; the duration by
     method and route."""

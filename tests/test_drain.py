@@ -13,6 +13,7 @@ import os
 import selectors
 import signal
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -149,9 +150,26 @@ async def test_a_response_started_while_draining_asks_for_a_new_connection(
     await tracked({"type": "http.response.body", "body": b"x"})
     [start, body] = sent
     assert (b"content-type", b"text/plain") in start["headers"]
-    connections = [value for name, value in start["headers"] if name.lower() == b"connection"]
-    assert connections == connection
+    connections = [
+        (name, value) for name, value in start["headers"] if name.lower() == b"connection"
+    ]
+    assert connections == [(b"connection", value) for value in connection]
     assert body == {"type": "http.response.body", "body": b"x"}
+
+
+async def test_a_response_without_headers_started_while_draining_gets_connection_close():
+    """ASGI's `headers` is optional: the one header is then Connection: close."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    drain._start(Config(), "hypercorn")
+    tracked = drain.track({"type": "http", "http_version": "1.1"}, send)
+    await tracked({"type": "http.response.start", "status": 204})
+    assert sent == [
+        {"type": "http.response.start", "status": 204, "headers": [(b"connection", b"close")]}
+    ]
 
 
 async def test_the_graceful_timeout_cuts_requests_in_flight_and_only_those(drain_log):
@@ -230,6 +248,9 @@ def test_gunicorns_stop_waits_for_the_drain_delay(drain_log, sigterm_handler):
     sent = time.monotonic()
     os.kill(os.getpid(), signal.SIGTERM)
     assert wait_for(drain.draining)
+    timers = [thread for thread in threading.enumerate() if isinstance(thread, threading.Timer)]
+    assert timers
+    assert all(timer.daemon for timer in timers)  # a master stopped meanwhile exits at once
     os.kill(os.getpid(), signal.SIGTERM)
     assert arbiter.stops == 0
     assert wait_for(lambda: arbiter.stops > 0)

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -188,30 +189,29 @@ def test_without_metrics_the_processes_get_no_multiprocess_directory(monkeypatch
     assert serve._supervise(settings(), child(none), None) == 0
 
 
-def test_main_serves_the_app_and_the_sum_of_its_processes_metrics(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-):
-    """scripts/serve with WEB_CONCURRENCY=2: two hypercorns serve the app; the launcher serves
-    /metrics from their files; on SIGINT all stop, the launcher exits 0, its listener is gone
-    and so is the directory."""
-    config = settings()
+def serve_until_answered(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, dict[str, object]]:
+    """`main` with `config` (TMPDIR `tmp_path`) in this thread, as scripts/serve runs it; from
+    another, once the app answers: a request, a scrape if metrics are on, a look at TMPDIR;
+    then Ctrl-C. The exit status, and what was seen."""
     monkeypatch.setattr(application, "config", config)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the directory is made
     for name, value in {"PORT": config.port, "METRICS_PORT": config.metrics_port}.items():
         monkeypatch.setenv(name, str(value))
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    seen: dict[str, httpx.Response] = {}
+    seen: dict[str, object] = {}
     launcher_done = threading.Event()
 
     def client() -> None:
-        """Once both answer: a request, then a scrape; then Ctrl-C, unless `main` is done."""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not launcher_done.is_set():
             try:
                 seen["app"] = httpx.get(f"http://127.0.0.1:{config.port}/", timeout=10)
-                seen["metrics"] = httpx.get(
-                    f"http://127.0.0.1:{config.metrics_port}/metrics", timeout=10
-                )
+                if config.metrics_port:
+                    url = f"http://127.0.0.1:{config.metrics_port}/metrics"
+                    seen["metrics"] = httpx.get(url, timeout=10)
+                seen["tmpdir"] = [path.name for path in tmp_path.iterdir()]
                 break
             except httpx.TransportError:
                 time.sleep(0.1)
@@ -225,10 +225,36 @@ def test_main_serves_the_app_and_the_sum_of_its_processes_metrics(
     finally:
         launcher_done.set()
         thread.join()
+    return status, seen
+
+
+def test_main_serves_the_app_and_the_sum_of_its_processes_metrics(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """scripts/serve with WEB_CONCURRENCY=2: two hypercorns serve the app; the launcher serves
+    /metrics from their files; on SIGINT all stop, the launcher exits 0, its listener is gone
+    and so is the directory."""
+    config = settings()
+    status, seen = serve_until_answered(config, tmp_path, monkeypatch)
     assert status == 0
-    assert seen["app"].status_code == 200
-    assert seen["metrics"].status_code == 200
-    assert 'http_requests_total{method="GET",route="/",status="200"} 1.0' in seen["metrics"].text
+    app, metrics = seen["app"], seen["metrics"]
+    assert isinstance(app, httpx.Response) and isinstance(metrics, httpx.Response)
+    assert app.status_code == 200
+    assert metrics.status_code == 200
+    assert 'http_requests_total{method="GET",route="/",status="200"} 1.0' in metrics.text
+    [directory] = seen["tmpdir"]
+    assert directory.startswith("prometheus-")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{config.metrics_port}/metrics", timeout=10)
+
+
+def test_main_with_metrics_off_makes_no_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """METRICS_PORT=0: the hypercorns serve, and there is no directory and no listener."""
+    config = replace(settings(), metrics_port=0)
+    status, seen = serve_until_answered(config, tmp_path, monkeypatch)
+    assert status == 0
+    app = seen["app"]
+    assert isinstance(app, httpx.Response)
+    assert app.status_code == 200
+    assert seen["tmpdir"] == []

@@ -541,6 +541,7 @@ def test_a_scrape_of_several_processes_adds_up_their_files(tmp_path: Path):
     finally:
         metrics.stop()
     assert sample(text, 'http_requests_total{method="GET",route="/",status="200"}') == 2
+    assert sample(text, 'http_request_duration_seconds_count{method="GET",route="/"}') == 2
     assert sample(text, "http_requests_in_flight") == 2
     assert sample(text, 'health_datastore_up{datastore="database"}') == 1
     assert "\npython_info{" in text

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,6 +65,32 @@ def test_commit_is_unknown_without_variables_or_git(monkeypatch, tmp_path):
     """No commit variable and no git on PATH is not an error: the commit is 'unknown'."""
     monkeypatch.setenv("PATH", str(tmp_path))
     assert Config.from_environ({}).commit == "unknown"
+
+
+def test_commit_is_the_checkouts_head_without_variables():
+    """Run from a git checkout with no commit variable, the commit is its HEAD."""
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert Config.from_environ({}).commit == head
+
+
+def test_commit_is_unknown_in_a_repository_without_commits(monkeypatch, tmp_path):
+    """`git rev-parse HEAD` fails there (printing "HEAD"): not a commit."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)
+    assert Config.from_environ({}).commit == "unknown"
+
+
+def test_a_git_that_hangs_does_not_hold_start_up(monkeypatch, tmp_path):
+    """A git that never answers is given 2 s; then the commit is 'unknown'."""
+    git = tmp_path / "git"
+    git.write_text(f"#!/bin/sh\nexec {shutil.which('sleep')} 60\n")
+    git.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    started = time.monotonic()
+    assert Config.from_environ({}).commit == "unknown"
+    assert time.monotonic() - started < 30
 
 
 COMMIT_ORDER = [
@@ -135,6 +164,8 @@ def test_datastore_urls_are_separated_by_any_whitespace():
         ({"LOG_LEVEL": "debug"}, Config(log_level="DEBUG")),
         ({"LOG_FORMAT": "JSON"}, Config(log_format="json")),
         ({"PORT": "8080"}, Config(port=8080)),
+        ({"PORT": "1"}, Config(port=1)),
+        ({"PORT": "65535"}, Config(port=65535)),
         ({"LOG_QUIET_HEALTH": "yes"}, Config(log_quiet_health=True)),
         ({"LOG_QUIET_HEALTH": "Off"}, Config(log_quiet_health=False)),
         ({"WEB_CONCURRENCY": "4"}, Config(web_concurrency=4)),
@@ -355,3 +386,65 @@ def test_bad_tls_parameter_is_one_safe_line_naming_it(environ, named):
     assert CANARY not in message
     assert "/nonexistent" not in message
     assert len(message.splitlines()) == 1
+
+
+NOT_NAME_URL = "is not name=url (a name is a letter then letters, digits, - or _)"
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"HEALTH_TIMEOUT": "0"}, "HEALTH_TIMEOUT: expected seconds > 0, got '0'"),
+        ({"HEALTH_TIMEOUT": "x"}, "HEALTH_TIMEOUT: expected seconds > 0, got 'x'"),
+        ({"HEALTH_CACHE_TTL": "-1"}, "HEALTH_CACHE_TTL: expected seconds >= 0, got '-1'"),
+        ({"SHUTDOWN_DELAY": "x"}, "SHUTDOWN_DELAY: expected seconds >= 0, got 'x'"),
+        (
+            {"LOG_LEVEL": "LOUD"},
+            "LOG_LEVEL: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'LOUD'",
+        ),
+        ({"DATASTORE_URLS": DB}, f"DATASTORE_URLS: entry 'postgres://db:5432/app' {NOT_NAME_URL}"),
+        ({"DATASTORE_URLS": f"u:{CANARY}@cache"}, f"DATASTORE_URLS: entry 'cache' {NOT_NAME_URL}"),
+        (
+            {"DATASTORE_URLS": f"9db=u:pa@{CANARY}@db"},
+            f"DATASTORE_URLS: entry '9db=db' {NOT_NAME_URL}",
+        ),
+        (
+            {"DATASTORE_URLS": "cache=memcached://c:11211"},
+            "DATASTORE_URLS: entry 'cache': unknown scheme 'memcached' "
+            "(expected postgres, postgresql, redis, rediss, tcp)",
+        ),
+        (
+            {"DATABASE_URL": REDIS},
+            "DATABASE_URL: unknown scheme 'redis' (expected postgres, postgresql)",
+        ),
+        (
+            {"DATABASE_URL": f"postgresql://app:{CANARY}@/app"},
+            "DATABASE_URL: malformed URL (no host before the port or after the @)",
+        ),
+        (
+            {"DATASTORE_URLS": "c=redis:///0"},
+            "DATASTORE_URLS: entry 'c': expected redis://host[:port]",
+        ),
+        (
+            {"DATASTORE_URLS": "c=rediss://"},
+            "DATASTORE_URLS: entry 'c': expected rediss://host[:port]",
+        ),
+        (
+            {"DATASTORE_URLS": "c=redis://cache?ssl_cert_reqs=none"},
+            "DATASTORE_URLS: entry 'c': ssl_* parameters need rediss://",
+        ),
+    ],
+)
+def test_a_bad_settings_line_says_what_was_expected(environ, message):
+    """The whole line: the variable (and entry), what it takes, and what it got, if safe."""
+    with pytest.raises(ConfigError) as raised:
+        Config.from_environ(environ)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://app@db.internal:5432/app", "postgres://db", "postgresql://[::1]/app"]
+)
+def test_database_url_takes_both_postgres_schemes(url):
+    """DATABASE_URL is a PostgreSQL URL under either of its two schemes."""
+    assert Config.from_environ({"DATABASE_URL": url}).datastores == (Datastore("database", url),)

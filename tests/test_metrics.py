@@ -8,21 +8,31 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import re
 import socket
+import struct
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+import structlog
 from flask import Flask
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 from application import exporter
 from application.asgi import AsgiApp
 from application.config import Config
 from application.health import HealthChecker
-from application.metrics import OTHER_METHOD, UNMATCHED, instruments
+from application.metrics import OTHER_METHOD, UNMATCHED, Metrics, instruments
 from application.web import create_app
 from tests import servers
 from tests.test_asgi import Exchange, scope
@@ -173,6 +183,117 @@ def test_metrics_off_counts_nothing():
     assert flask_app.extensions["metrics"] is None
     assert flask_app.extensions["health"].metrics is None
     assert asgi.metrics is None
+
+
+@pytest.fixture
+def fresh_metrics() -> Iterator[Metrics]:
+    """Instruments made in the test, in the default registry while it runs: the process's own
+    are made once, on first use, by whichever test comes first. They are back after."""
+    own = [value for value in vars(instruments()).values() if isinstance(value, MetricWrapperBase)]
+    for collector in own:
+        REGISTRY.unregister(collector)
+    metrics = Metrics()
+    yield metrics
+    for collector in vars(metrics).values():
+        if isinstance(collector, MetricWrapperBase):
+            REGISTRY.unregister(collector)
+    for collector in own:
+        REGISTRY.register(collector)
+
+
+# Each instrument as a scrape describes it: type, labels, help.
+CATALOGUE = {
+    "http_requests": (
+        "counter",
+        ["method", "route", "status"],
+        "HTTP requests answered, by method, route template and status code.",
+    ),
+    "http_request_duration_seconds": (
+        "histogram",
+        ["method", "route"],
+        "Time from the server taking the request to the end of its response.",
+    ),
+    "http_requests_in_flight": ("gauge", [], "HTTP requests taken and not yet answered."),
+    "health_datastore_up": (
+        "gauge",
+        ["datastore"],
+        "1 when the datastore answered in the last probe round, else 0.",
+    ),
+    "health_probe_duration_seconds": (
+        "histogram",
+        ["datastore"],
+        "Time a datastore took to answer a probe, or to fail it.",
+    ),
+    "health_probe_failures": (
+        "counter",
+        ["datastore", "reason"],
+        "Failed probes, by datastore and reason (the words of /health, without numbers).",
+    ),
+    "health_rounds": ("counter", [], "Probe rounds run to their end."),
+    "health_rounds_shared": (
+        "counter",
+        [],
+        "Health checks answered by a round already in flight instead of one of their own.",
+    ),
+}
+
+
+def test_the_instruments_are_the_documented_catalogue(fresh_metrics: Metrics):
+    """Each instrument's name, type, labels and help as Prometheus reads them (README,
+    "Metrics"), once each has recorded something."""
+    fresh_metrics.request_done("GET", "/", 200, 0.01)
+    fresh_metrics.in_flight.inc()
+    fresh_metrics.probe_done("database", 0.01, "timed out")
+    fresh_metrics.rounds.inc()
+    fresh_metrics.rounds_shared.inc()
+    described = {
+        family.name: (
+            family.type,
+            sorted({label for sample in family.samples for label in sample.labels} - {"le"}),
+            family.documentation,
+        )
+        for family in REGISTRY.collect()
+        if family.name.startswith(("http_", "health_"))
+    }
+    assert described == CATALOGUE
+
+
+def buckets(exposition: str, histogram: str) -> list[str]:
+    """The upper bounds of a histogram's buckets, as a scrape shows them."""
+    bounds = re.findall(rf'^{histogram}_bucket{{.*le="([^"]+)"', exposition, re.M)
+    return list(dict.fromkeys(bounds))
+
+
+def test_each_histogram_has_the_documented_buckets(fresh_metrics: Metrics):
+    """Requests 5 ms to 10 s with 0.75 and 1 s either side of HEALTH_TIMEOUT's 0.8 s; probes
+    1 ms to 5 s (README, "Metrics")."""
+    fresh_metrics.request_done("GET", "/buckets", 200, 0.01)
+    fresh_metrics.probe_done("buckets", 0.01, None)
+    exposition = generate_latest(REGISTRY).decode()
+    assert buckets(exposition, "http_request_duration_seconds") == [
+        "0.005", "0.01", "0.025", "0.05", "0.075", "0.1", "0.25", "0.5", "0.75", "1.0", "2.5",
+        "5.0", "7.5", "10.0", "+Inf",
+    ]  # fmt: skip
+    assert buckets(exposition, "health_probe_duration_seconds") == [
+        "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5",
+        "5.0", "+Inf",
+    ]  # fmt: skip
+
+
+def test_each_method_route_and_status_is_a_series_of_its_own():
+    """Requests that differ in method or in status alone are counted apart; the duration by
+    method and route."""
+    metrics = instruments()
+    route = f"/test-{uuid.uuid4().hex}"
+    for method, status in [("GET", 200), ("POST", 200), ("GET", 500), ("GET", 200)]:
+        metrics.request_done(method, route, status, 0.3)
+    for method, status, count in [("GET", "200", 2), ("POST", "200", 1), ("GET", "500", 1)]:
+        assert value("http_requests_total", method=method, route=route, status=status) == count
+    for method, count in [("GET", 3), ("POST", 1)]:
+        labels = {"method": method, "route": route}
+        assert value("http_request_duration_seconds_count", **labels) == count
+        assert value("http_request_duration_seconds_bucket", **labels, le="0.25") == 0
+        assert value("http_request_duration_seconds_bucket", **labels, le="0.5") == count
 
 
 # -- health rounds ---------------------------------------------------------------------------
@@ -346,3 +467,126 @@ def test_a_file_a_process_has_only_just_created_fails_no_scrape(tmp_path, captur
         metrics.stop()
     assert answer.status_code == 200
     assert "python_info" in answer.text
+
+
+def test_the_listener_started_answers_until_stopped():
+    """`start` returns the listener serving; once stopped, its port is closed."""
+    metrics = exporter.start(Config(metrics_port=servers.free_port()), None)
+    try:
+        assert scrape(metrics).status_code == 200
+    finally:
+        metrics.stop()
+    with pytest.raises(httpx.ConnectError):
+        scrape(metrics)
+
+
+def test_a_connection_that_fails_is_one_line_in_the_log(
+    listener: exporter.Exporter, capture_logs, monkeypatch: pytest.MonkeyPatch
+):
+    """A client resetting its connection before its request line: an ERROR line naming the
+    client, in the log rather than a traceback on stderr; the listener goes on serving."""
+    stream = capture_logs(Config())
+    monkeypatch.setattr(exporter, "log", structlog.get_logger())
+    with socket.create_connection(("127.0.0.1", listener.port)) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+    deadline = time.monotonic() + 10
+    while "connection failed" not in stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the connection's own thread writes the line
+    [line] = [line for line in stream.getvalue().splitlines() if "connection failed" in line]
+    assert "[ERROR] metrics listener: a connection failed client=127.0.0.1" in line
+    assert scrape(listener).status_code == 200
+
+
+# -- several processes: the supervisor's scrape of their files ---------------------------------
+
+# A serving process, as gunicorn's workers and scripts/serve's hypercorns record: its requests,
+# one still in flight when it ends, and a probe round.
+SERVING = """
+from application.metrics import instruments
+metrics = instruments()
+metrics.request_done("GET", "/", 200, 0.01)
+metrics.in_flight.inc()
+metrics.probe_done("database", 0.01, None)
+"""
+
+
+def serving_processes(directory: Path, count: int) -> list[int]:
+    """`count` processes that record into `directory` and end; their pids."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "PROMETHEUS_MULTIPROC_DIR": str(directory),
+        "COMMIT_SHA": "test",
+    }
+    processes = [
+        subprocess.Popen([sys.executable, "-c", SERVING], cwd=servers.ROOT, env=env)
+        for _ in range(count)
+    ]
+    assert [process.wait(timeout=60) for process in processes] == [0] * count
+    return [process.pid for process in processes]
+
+
+def sample(text: str, series: str) -> float | None:
+    """A series' value in an exposition, or None when it has none."""
+    found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+    return float(found[1]) if found else None
+
+
+def test_a_scrape_of_several_processes_adds_up_their_files(tmp_path: Path):
+    """Each counter summed over the processes; `python_info`, the same in each, and none of the
+    process metrics, which would describe the supervisor."""
+    serving_processes(tmp_path, 2)
+    metrics = exporter.Exporter(Config(metrics_port=servers.free_port()), str(tmp_path))
+    try:
+        text = scrape(metrics).text
+    finally:
+        metrics.stop()
+    assert sample(text, 'http_requests_total{method="GET",route="/",status="200"}') == 2
+    assert sample(text, 'http_request_duration_seconds_count{method="GET",route="/"}') == 2
+    assert sample(text, "http_requests_in_flight") == 2
+    assert sample(text, 'health_datastore_up{datastore="database"}') == 1
+    assert "\npython_info{" in text
+    assert "process_cpu_seconds_total" not in text
+    assert "python_gc_collections_total" not in text
+
+
+def test_a_process_marked_exited_leaves_the_live_gauges_and_keeps_its_counts(tmp_path: Path):
+    """Its request still in flight no longer counts; the requests it answered still do."""
+    first, _ = serving_processes(tmp_path, 2)
+    exporter.process_exited(first, str(tmp_path))
+    metrics = exporter.Exporter(Config(metrics_port=servers.free_port()), str(tmp_path))
+    try:
+        text = scrape(metrics).text
+    finally:
+        metrics.stop()
+    assert sample(text, "http_requests_in_flight") == 1
+    assert sample(text, 'http_requests_total{method="GET",route="/",status="200"}') == 2
+
+
+def test_a_file_gone_while_a_scrape_lists_them_fails_no_scrape(tmp_path: Path):
+    """A process's live gauge file removed (it was marked dead) between the listing and the
+    reading: here a name that leads nowhere. The scrape of the others goes on."""
+    serving_processes(tmp_path, 1)
+    (tmp_path / "gauge_livesum_4242.db").symlink_to(tmp_path / "removed.db")
+    metrics = exporter.Exporter(Config(metrics_port=servers.free_port()), str(tmp_path))
+    try:
+        answer = scrape(metrics)
+    finally:
+        metrics.stop()
+    assert answer.status_code == 200
+    assert sample(answer.text, "http_requests_in_flight") == 1
+
+
+def test_the_multiprocess_directory_is_made_under_tmpdir_and_removed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """A fresh directory each time, under TMPDIR; removing it takes its files, and removing it
+    twice is no error."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    first, second = exporter.make_multiprocess_dir(), exporter.make_multiprocess_dir()
+    assert first != second
+    assert {Path(first).parent, Path(second).parent} == {tmp_path}
+    assert Path(first).name.startswith("prometheus-")
+    (Path(first) / "counter_1.db").touch()
+    exporter.remove_multiprocess_dir(first)
+    exporter.remove_multiprocess_dir(first)
+    assert list(tmp_path.iterdir()) == [Path(second)]

@@ -1,154 +1,260 @@
-"""WEB_CONCURRENCY: serving processes under scripts/serve (application/serve.py) and gunicorn,
-each with its own probe pool, and a failing one failing the whole."""
+"""Tests for application.serve in-process: the launcher of WEB_CONCURRENCY hypercorns, run in
+the test's own process, the main thread, as scripts/serve runs it.
+
+The supervision is pinned with stand-in children (a few lines of Python taking the same
+`--bind fd://N` arguments a hypercorn gets); `main` with real hypercorns serving the app and the
+launcher's /metrics. Under real servers, from outside: test_serve_servers.py.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import http.client
-import socket
-import subprocess
+import io
+import os
+import re
+import signal
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
+import structlog
 
-from application.config import usable_cores
+import application
+from application import serve
+from application.config import Config
 from tests import servers
-from tests.conftest import through
-from tests.faultproxy import FaultProxy
 
-TWO = {"WEB_CONCURRENCY": "2"}
-
-
-@pytest.mark.parametrize("mode", ["serve", "gunicorn"])
-def test_web_concurrency_sets_the_number_of_serving_processes(mode: str) -> None:
-    """WEB_CONCURRENCY=2: two processes serve under the one that was started."""
-    server = servers.start(mode, TWO)
-    try:
-        children = server.children(2)
-        time.sleep(0.5)  # a third would have been started by now
-        children = server.children()
-        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
-    finally:
-        server.stop()
-    assert len(children) == 2
-    expected = b"hypercorn" if mode == "serve" else b"gunicorn"
-    assert all(expected in command for command in commands), commands
+# The child's own view of what it was given: `--bind fd://N` with the app's name after it.
+BIND = """
+import os, signal, socket, sys, time
+fd = int(sys.argv[sys.argv.index("--bind") + 1].removeprefix("fd://"))
+"""
 
 
-def test_one_process_is_hypercorn_itself() -> None:
-    """WEB_CONCURRENCY=1: scripts/serve becomes hypercorn, no launcher stays behind."""
-    server = servers.start("serve", {"WEB_CONCURRENCY": "1"})
-    try:
-        command = Path(f"/proc/{server.process.pid}/cmdline").read_bytes().split(b"\0")
-        children = server.children()
-    finally:
-        server.stop()
-    assert command[1:3] == [b"-m", b"hypercorn"]
-    assert children == []
+def child(code: str) -> list[str]:
+    """The command `_supervise` starts for each process in place of hypercorn's."""
+    return [sys.executable, "-c", BIND + code]
 
 
-@pytest.mark.parametrize("mode", ["serve", "gunicorn"])
-def test_without_web_concurrency_one_process_serves_per_usable_core(mode: str) -> None:
-    """Unset, WEB_CONCURRENCY is the cores this machine lets the process use."""
-    cores = usable_cores()
-    expected = 0 if mode == "serve" and cores == 1 else cores  # one hypercorn: the process
-    server = servers.start(mode, {"WEB_CONCURRENCY": None})  # unset
-    try:
-        serving = server.children(expected)
-    finally:
-        server.stop()
-    assert len(serving) == expected
+@pytest.fixture(autouse=True)
+def signal_handlers() -> Iterator[None]:
+    """The launcher takes SIGTERM and SIGINT over in this process; they are given back."""
+    handlers = {signum: signal.getsignal(signum) for signum in serve.FORWARDED}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
-def test_a_burst_of_keep_alive_connections_is_spread_over_the_hypercorns() -> None:
-    """50 connections opened at once, a request on each: both hypercorns hold a share. The
-    kernel picks the socket for each connection; on one shared socket asyncio's accept loop
-    took 49 or all 50 into one process. (gunicorn's workers share one socket and split by
-    who wakes first: a matter of scheduling, not pinned here.)"""
-    server = servers.start("serve", TWO)
-    try:
-        children = server.children(2)
-        clients = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(50)]
-        try:
-            for client in clients:
-                client.sendall(b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n")
-            for client in clients:
-                answer = http.client.HTTPResponse(client)
-                answer.begin()
-                answer.read()
-            shares = [servers.connections(pid, server.port, local=True) for pid in children]
-        finally:
-            for client in clients:
-                client.close()
-    finally:
-        server.stop()
-    assert sum(shares) == 50
-    assert min(shares) >= 5, shares  # an even hash misses this once in 10^9
+@pytest.fixture
+def serve_log(capture_logs, monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """The launcher's lines, as the service writes them."""
+    stream = capture_logs(Config())
+    monkeypatch.setattr(serve, "log", structlog.get_logger())
+    return stream
 
 
-async def _burst(url: str, count: int) -> list[int]:
-    """`count` GETs at once, each on a connection of its own: the statuses."""
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=count), timeout=30) as client:
-        answers = await asyncio.gather(*(client.get(url) for _ in range(count)))
-    return [answer.status_code for answer in answers]
+@pytest.fixture
+def reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory the children write to, named in their environment as REPORTS."""
+    directory = tmp_path / "reports"
+    directory.mkdir()
+    monkeypatch.setenv("REPORTS", str(directory))
+    return directory
 
 
-@pytest.mark.parametrize("mode", ["serve", "gunicorn"])
-def test_each_serving_process_keeps_one_probe_connection(
-    mode: str, database_proxy: FaultProxy, database_url: str
-) -> None:
-    """Bursts of uncached /health until both processes have probed: one database connection
-    each, two in all, never a pool shared across a fork or one per request."""
-    database_proxy.set_mode("delay", delay=0.2)
-    env = {**TWO, "DATABASE_URL": through(database_proxy, database_url), "HEALTH_CACHE_TTL": "0"}
-    server = servers.start(mode, env)
-    statuses = []
-    try:
-        children = server.children(2)
-        deadline = time.monotonic() + 20
-        while not all(servers.connections(pid, database_proxy.port) for pid in children):
-            assert time.monotonic() < deadline, "the kernel never gave both processes a request"
-            statuses += asyncio.run(_burst(server.url + "/health", 50))
-        held = [servers.connections(pid, database_proxy.port) for pid in children]
-    finally:
-        server.stop()
-    assert set(statuses) == {200}
-    assert held == [1, 1]
-    assert database_proxy.accepted == 2
+def settings(processes: int = 2) -> Config:
+    port = servers.free_port()
+    return Config(port=port, metrics_port=servers.free_port(port), web_concurrency=processes)
 
 
-def test_a_serving_process_that_fails_at_start_fails_scripts_serve() -> None:
-    """One hypercorn failing at start-up (here on an unknown option) stops the others and
-    scripts/serve exits non-zero, where hypercorn's own workers would exit 0 (upstream #269)."""
-    done = subprocess.run(
-        ["scripts/serve", "--no-such-option"],
-        cwd=servers.ROOT,
-        env={**servers.script_env(), **TWO},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode != 0
-    assert "a serving process failed; stopping the others" in done.stdout
+def logged_pids(stream: io.StringIO) -> list[int]:
+    [line] = [line for line in stream.getvalue().splitlines() if "] serving " in line]
+    assert re.search(r'\[INFO\] serving processes=2 pids="\[\d+, \d+\]"$', line), line
+    return [int(pid) for pid in re.findall(r"\d+", line.rpartition("pids=")[2])]
+
+
+def test_each_process_gets_a_listening_socket_of_its_own_on_the_port(serve_log, reports):
+    """WEB_CONCURRENCY=2: two processes, the ones the line names, each handed a listening
+    socket on PORT in one SO_REUSEPORT group, and the app's name; every one ending well
+    ends the launcher with 0."""
+    config = settings()
+    report = """
+with socket.socket(fileno=fd) as listener:
+    seen = [
+        listener.getsockname()[1],
+        listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
+        listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT),
+        os.fstat(fd).st_ino,
+        sys.argv[-1],
+    ]
+    with open(os.path.join(os.environ["REPORTS"], str(os.getpid())), "w") as out:
+        out.write(" ".join(map(str, seen)))
+"""
+    assert serve._supervise(config, child(report), None) == 0
+    pids = logged_pids(serve_log)
+    seen = {int(path.name): path.read_text().split() for path in reports.iterdir()}
+    assert sorted(seen) == pids
+    for port, listening, reuse_port, _, app in seen.values():
+        assert (int(port), listening, reuse_port, app) == (
+            config.port,
+            "1",
+            "1",
+            "application:asgi_app",
+        )
+    assert len({inode for _, _, _, inode, _ in seen.values()}) == 2
 
 
 @pytest.mark.parametrize(
-    "command",
-    [["scripts/serve"], [str(servers.BIN / "gunicorn"), "application:app"]],
-    ids=["scripts/serve", "gunicorn"],
+    ("ending", "status"),
+    [("sys.exit(3)", 3), ("os.kill(os.getpid(), signal.SIGKILL)", 1)],
+    ids=["exit-3", "killed"],
 )
-def test_a_web_concurrency_that_is_no_number_stops_start_up(command: list[str]) -> None:
-    """A non-zero exit naming WEB_CONCURRENCY: our one line under scripts/serve; gunicorn's own
-    traceback under gunicorn, which reads the variable before any configuration file."""
-    done = subprocess.run(
-        command,
-        cwd=servers.ROOT,
-        env={**servers.script_env(), "WEB_CONCURRENCY": "two"},
-        capture_output=True,
-        text=True,
-        timeout=60,
+def test_a_failing_process_stops_the_others_and_fails_the_launcher(
+    serve_log, reports, ending: str, status: int
+):
+    """One process exits 3 (or is killed) while the other serves: the other gets SIGTERM, the
+    launcher says so and exits with that status (1 for a process killed by a signal)."""
+    failing = f"""
+try:
+    os.close(os.open(os.path.join(os.environ["REPORTS"], "first"), os.O_CREAT | os.O_EXCL))
+except FileExistsError:
+    time.sleep(30)  # serving, until stopped
+    sys.exit(4)
+{ending}
+"""
+    started = time.monotonic()
+    assert serve._supervise(settings(), child(failing), None) == status
+    assert time.monotonic() - started < 30  # the other was stopped, not waited for
+    [line] = [line for line in serve_log.getvalue().splitlines() if "failed" in line]
+    code = 3 if status == 3 else -signal.SIGKILL
+    assert re.search(
+        rf"\[ERROR\] a serving process failed; stopping the others pid=\d+ code={code}$", line
     )
-    assert done.returncode != 0
-    assert "WEB_CONCURRENCY" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("signum", serve.FORWARDED, ids=lambda signum: signum.name)
+@pytest.mark.parametrize("reaction", ["exits-0", "dies-of-it"])
+def test_a_signal_to_the_launcher_reaches_every_process(
+    serve_log, reports, signum: signal.Signals, reaction: str
+):
+    """SIGTERM or SIGINT to the launcher (here sent by one of the processes once it runs) goes
+    to every process; whether they exit 0 on it (hypercorn's drain) or die of it, that is a
+    clean stop: the launcher exits 0 and says nothing of a failure."""
+    handle = "sys.exit(0)" if reaction == "exits-0" else "signal.SIG_DFL"
+    handler = f"lambda signum, frame: {handle}" if reaction == "exits-0" else handle
+    signalled = f"""
+signal.signal({signum!s}, {handler})
+reports = os.environ["REPORTS"]
+open(os.path.join(reports, f"ready-{{os.getpid()}}"), "w").close()
+try:
+    os.close(os.open(os.path.join(reports, "first"), os.O_CREAT | os.O_EXCL))
+except FileExistsError:
+    pass
+else:
+    while len([name for name in os.listdir(reports) if name.startswith("ready-")]) < 2:
+        time.sleep(0.01)  # until the other one has its handler too
+    os.kill(os.getppid(), {signum!s})
+time.sleep(30)  # serving, until stopped
+sys.exit(4)
+"""
+    started = time.monotonic()
+    assert serve._supervise(settings(), child(signalled), None) == 0
+    assert time.monotonic() - started < 30
+    assert "failed" not in serve_log.getvalue()
+
+
+def test_a_process_that_ended_no_longer_counts_in_live_gauges(tmp_path: Path, reports):
+    """With metrics on, each process gets the multiprocess directory; once it has ended, its
+    in-flight and up gauges leave the sum, and its counts stay."""
+    metrics = """
+assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == os.environ["REPORTS"]
+import prometheus_client
+prometheus_client.Gauge("in_flight", "x", multiprocess_mode="livesum").set(1)
+prometheus_client.Counter("requests", "x").inc()
+"""
+    assert serve._supervise(settings(), child(metrics), str(reports)) == 0
+    files = sorted(re.sub(r"\d+", "PID", path.name) for path in reports.iterdir())
+    assert files == ["counter_PID.db", "counter_PID.db"]
+
+
+def test_without_metrics_the_processes_get_no_multiprocess_directory(monkeypatch, reports):
+    """METRICS_PORT=0: each process keeps its numbers to itself, and there are none."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    none = 'assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ'
+    assert serve._supervise(settings(), child(none), None) == 0
+
+
+def serve_until_answered(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, dict[str, object]]:
+    """`main` with `config` (TMPDIR `tmp_path`) in this thread, as scripts/serve runs it; from
+    another, once the app answers: a request, a scrape if metrics are on, a look at TMPDIR;
+    then Ctrl-C. The exit status, and what was seen."""
+    monkeypatch.setattr(application, "config", config)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the directory is made
+    for name, value in {"PORT": config.port, "METRICS_PORT": config.metrics_port}.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    seen: dict[str, object] = {}
+    launcher_done = threading.Event()
+
+    def client() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not launcher_done.is_set():
+            try:
+                seen["app"] = httpx.get(f"http://127.0.0.1:{config.port}/", timeout=10)
+                if config.metrics_port:
+                    url = f"http://127.0.0.1:{config.metrics_port}/metrics"
+                    seen["metrics"] = httpx.get(url, timeout=10)
+                seen["tmpdir"] = [path.name for path in tmp_path.iterdir()]
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        if not launcher_done.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        status = serve.main([])
+    finally:
+        launcher_done.set()
+        thread.join()
+    return status, seen
+
+
+def test_main_serves_the_app_and_the_sum_of_its_processes_metrics(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """scripts/serve with WEB_CONCURRENCY=2: two hypercorns serve the app; the launcher serves
+    /metrics from their files; on SIGINT all stop, the launcher exits 0, its listener is gone
+    and so is the directory."""
+    config = settings()
+    status, seen = serve_until_answered(config, tmp_path, monkeypatch)
+    assert status == 0
+    app, metrics = seen["app"], seen["metrics"]
+    assert isinstance(app, httpx.Response) and isinstance(metrics, httpx.Response)
+    assert app.status_code == 200
+    assert metrics.status_code == 200
+    assert 'http_requests_total{method="GET",route="/",status="200"} 1.0' in metrics.text
+    [directory] = seen["tmpdir"]
+    assert directory.startswith("prometheus-")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{config.metrics_port}/metrics", timeout=10)
+
+
+def test_main_with_metrics_off_makes_no_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """METRICS_PORT=0: the hypercorns serve, and there is no directory and no listener."""
+    config = replace(settings(), metrics_port=0)
+    status, seen = serve_until_answered(config, tmp_path, monkeypatch)
+    assert status == 0
+    app = seen["app"]
+    assert isinstance(app, httpx.Response)
+    assert app.status_code == 200
+    assert seen["tmpdir"] == []

@@ -34,7 +34,7 @@ MODES = (
     ("flask-peer", "Flask peer, gunicorn gthread 1x8"),
 )
 PATHS = ("/health", "/health/live", "/")
-SECONDS = 10
+SECONDS = int(os.environ.get("PROFILE_SECONDS", "10"))
 
 # A sample's part: the first of these a frame's file matches, from the innermost frame out.
 # Frames of the standard library (json, uuid, threading...) decide nothing: whoever called
@@ -67,16 +67,16 @@ def profile(kind: str, path: str) -> tuple[float, Counter[str]]:
             command = run.wrk_command(url, SECONDS + 2)
             load = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
             time.sleep(1)
-            before = _process_tree_cpu(server.process.pid)
+            before = run.tree_cpu_seconds(server.process.pid)
             subprocess.run(
                 ["taskset", "-c", run.LOAD_CORE, str(run.BIN / "py-spy"), "record",
-                 "--subprocesses", "--nonblocking", "--rate", "200", "--duration",
+                 "--subprocesses", "--nonblocking", "--gil", "--rate", "200", "--duration",
                  str(SECONDS - 2), "--format", "raw", "--output", raw.name,
                  "--pid", str(server.process.pid)],
                 capture_output=True,
                 check=True,
             )  # fmt: skip
-            spent = _process_tree_cpu(server.process.pid) - before
+            spent = run.tree_cpu_seconds(server.process.pid) - before
             requests = run._parse_wrk(load.communicate()[0]).requests
             samples: Counter[str] = Counter()
             for line in Path(raw.name).read_text().splitlines():
@@ -87,11 +87,6 @@ def profile(kind: str, path: str) -> tuple[float, Counter[str]]:
     # wrk ran SECONDS + 2 s, the CPU was read over about SECONDS - 2 s of it
     per_request = spent / (requests * (SECONDS - 2) / (SECONDS + 2)) * 1e6
     return per_request, samples
-
-
-def _process_tree_cpu(pid: int) -> float:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return run._cpu_seconds(pid) + sum(_process_tree_cpu(int(child)) for child in children)
 
 
 def main() -> None:

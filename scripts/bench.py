@@ -157,6 +157,7 @@ class WrkResult:
     p99_ms: float
     errors: int  # socket errors plus non-2xx/3xx answers
     total_requests: int = 0  # warm-up included
+    cpu_us: float = 0.0  # the server's CPU time per request, when measured (figure 1)
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
@@ -345,6 +346,8 @@ class Results:
 
 def fmt_wrk(result: WrkResult) -> str:
     text = f"{result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms"
+    if result.cpu_us:
+        text += f", {result.cpu_us:.0f} µs CPU/request"
     return text + (f", {result.errors} errors" if result.errors else "")
 
 
@@ -374,7 +377,10 @@ def figure1(results: Results, seconds: float) -> None:
 
     Every server runs at once on core 0 (idle while another is measured); each path is
     measured on each in turn, three rounds, and the best round counts: on a shared machine
-    other work only ever lowers a figure. The peers serve the same JSON on the same paths."""
+    other work only ever lowers a figure. The peers serve the same JSON on the same paths.
+    The server's CPU time per request is printed too: work elsewhere on the machine moves it
+    less than throughput, which the scheduler shares out by thread (gunicorn's 8 or 32
+    against hypercorn's one)."""
     print("1. throughput and latency beside the peers (wrk)", flush=True)
     servers = {kind: start(kind, f"fig1-{kind}") for kind, _ in SUBJECTS}
     runs: dict[tuple[str, str], list[WrkResult]] = {}
@@ -383,8 +389,12 @@ def figure1(results: Results, seconds: float) -> None:
             for path in PATHS:
                 for kind, _ in SUBJECTS:
                     if kind != "raw" or path == "/health":  # the ceiling answers one thing
-                        url = servers[kind].url + path
-                        runs.setdefault((kind, path), []).append(wrk(url, seconds))
+                        pid = servers[kind].process.pid
+                        used = tree_cpu_seconds(pid)
+                        result = wrk(servers[kind].url + path, seconds)
+                        used = tree_cpu_seconds(pid) - used
+                        result.cpu_us = used / max(result.total_requests, 1) * 1e6
+                        runs.setdefault((kind, path), []).append(result)
     finally:
         for server in servers.values():
             server.stop()
@@ -869,6 +879,12 @@ def figure9(results: Results, seconds: float) -> None:
                 f"meanwhile wrk on `/health`: {fmt_wrk(load)}",
             )
         )
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of process `pid` and every process under it (gunicorn's workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return _cpu_seconds(pid) + sum(tree_cpu_seconds(int(child)) for child in children)
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -921,6 +921,7 @@ async def test_an_app_failing_before_its_response_is_a_500(
     exchange = await answer(serve(failing(problem)), "/somewhere")
     assert exchange.status == 500
     assert json.loads(exchange.body) == {"error": "Internal Server Error", "status": 500}
+    assert exchange.headers[b"content-type"] == b"application/json"
     assert exchange.headers[b"content-length"] == b"%d" % len(exchange.body)
     [line] = [line for line in lines() if "WSGI app failed before its response" in line]
     assert "path=/somewhere" in line
@@ -1025,6 +1026,7 @@ async def test_a_full_line_is_refused_with_503(
     await app(scope("/", headers=headers), refused.receive, refused.send)
     assert refused.status == 503
     assert json.loads(refused.body) == {"error": "Service Unavailable", "status": 503}
+    assert refused.headers[b"content-type"] == b"application/json"
     assert refused.headers[b"retry-after"] == b"1"
     assert refused.headers[b"connection"] == b"close"
     assert refused.headers[b"content-length"] == b"%d" % len(refused.body)

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import errno
+import io
+import json
 import re
+import time
+from collections.abc import Iterator
 
 import pytest
+from flask import Response, request, stream_with_context
 from werkzeug.datastructures import WWWAuthenticate
-from werkzeug.exceptions import MethodNotAllowed, ServiceUnavailable, Unauthorized
+from werkzeug.exceptions import (
+    MethodNotAllowed,
+    RequestEntityTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+)
+from werkzeug.test import EnvironBuilder
 
 from application.config import Config
 from application.health import HealthChecker
-from application.web import create_app
+from application.web import STARTED, BodyLimit, Envelope, create_app
+from tests import servers
 
 COMMIT = "abc123"
 READY_PATHS = ["/health", "/health/ready"]
@@ -202,5 +214,364 @@ def test_an_http_error_keeps_its_headers_in_json(app, error, header, value):
     response = app.test_client().get("/refuse")
     assert response.status_code == error.code
     assert response.headers[header] == value
-    assert response.headers["Content-Type"] == "application/json"
+    assert response.headers.getlist("Content-Type") == ["application/json"]
     assert response.json == {"error": error.name, "status": error.code}
+
+
+# -- the access line and the Envelope ----------------------------------------------------------
+
+
+def fetch(client, path: str, **request):
+    """A request as a server makes it: the body read to its end, then closed."""
+    response = client.open(path, **request)
+    response.get_data()
+    response.close()
+    return response
+
+
+def fields(line: str) -> dict[str, str | None]:
+    """A log line's fields as a logfmt parser reads them."""
+    return dict(servers.log_pairs(line))
+
+
+def access_lines(stream: io.StringIO) -> list[dict[str, str | None]]:
+    """The fields of each access line logged so far."""
+    lines = stream.getvalue().splitlines()
+    return [fields(line) for line in lines if " request finished " in line]
+
+
+@pytest.fixture
+def logged(capture_logs) -> io.StringIO:
+    """What the service logs during the test, as text lines."""
+    return capture_logs(Config())
+
+
+def test_a_request_has_one_access_line_with_its_fields(client, logged):
+    """Method, path, the status the client got, duration, client address and request id."""
+    started = time.perf_counter()
+    fetch(client, "/no/such/route", method="POST", headers={"X-Request-ID": "req-1"})
+    took_ms = (time.perf_counter() - started) * 1000
+    [line] = access_lines(logged)
+    assert line["method"] == "POST"
+    assert line["path"] == "/no/such/route"
+    assert line["status"] == "404"
+    assert line["remote"] == "127.0.0.1"
+    assert line["request_id"] == "req-1"
+    assert 0 <= float(line["duration_ms"]) <= round(took_ms, 1)
+    assert "incomplete" not in line
+
+
+def test_the_access_line_counts_from_when_the_server_took_the_request(client, logged):
+    """asgi_app's STARTED reading (when hypercorn took it) is where duration_ms starts."""
+    started = time.perf_counter() - 10_000  # taken ten thousand seconds ago
+    fetch(client, "/", environ_overrides={STARTED: started})
+    took_ms = (time.perf_counter() - started) * 1000
+    [line] = access_lines(logged)
+    assert 10_000_000 <= float(line["duration_ms"]) <= round(took_ms, 1)
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "logged_lines"),
+    [("/health", 200, 0), ("/health/live", 200, 0), ("/", 200, 1), ("/no/such/route", 404, 1)],
+)
+def test_log_quiet_health_quiets_successful_health_requests(
+    capture_logs, path, status, logged_lines
+):
+    """LOG_QUIET_HEALTH=1: no access line for a health check that passed; all others stay."""
+    stream = capture_logs(Config())
+    client = create_app(Config(log_quiet_health=True)).test_client()
+    assert fetch(client, path).status_code == status
+    assert len(access_lines(stream)) == logged_lines
+
+
+def test_a_streamed_body_read_to_its_end_is_complete(app, logged):
+    """The access line of a streamed body is written once it is closed, without `incomplete`."""
+    closed = []
+
+    @app.route("/stream")
+    def stream():
+        response = Response(iter([b"one", b"", b"two"]))
+        response.call_on_close(lambda: closed.append(True))
+        return response
+
+    response = app.test_client().get("/stream")
+    assert response.get_data() == b"onetwo"
+    assert access_lines(logged) == []  # not before the server closes the body
+    response.close()
+    assert closed == [True]
+    [line] = access_lines(logged)
+    assert (line["status"], "incomplete" in line) == ("200", False)
+
+
+def test_a_streamed_body_closed_early_is_incomplete(app, logged):
+    """A client that left before the end: the line says `incomplete=true`, and the app's
+    iterable is still closed."""
+    closed = []
+
+    @app.route("/stream")
+    def stream():
+        response = Response(iter([b"one", b"two"]))
+        response.call_on_close(lambda: closed.append(True))
+        return response
+
+    response = app.test_client().get("/stream")
+    next(iter(response.response))  # one chunk, then the client is gone
+    response.close()
+    assert closed == [True]
+    [line] = access_lines(logged)
+    assert (line["status"], line["incomplete"]) == ("200", "true")
+
+
+def test_an_empty_body_is_closed_and_logged_at_once(app, logged):
+    """No byte to send: the app's iterable is closed and the line written before the server
+    is handed the empty body."""
+    closed = []
+
+    @app.route("/empty")
+    def empty():
+        response = Response(b"", 204)
+        response.call_on_close(lambda: closed.append(True))
+        return response
+
+    assert app.test_client().get("/empty").status_code == 204
+    assert closed == [True]
+    [line] = access_lines(logged)
+    assert (line["status"], "incomplete" in line) == ("204", False)
+
+
+class StartResponse:
+    """A server's start_response that keeps what it was given, as PEP 3333 describes it."""
+
+    def __init__(self) -> None:
+        self.status = ""
+        self.headers: list[tuple[str, str]] = []
+        self.written: list[bytes] = []
+
+    def __call__(self, status, headers, exc_info=None):
+        self.status, self.headers = status, headers
+        return self.written.append
+
+
+def serve(app, *, config: Config | None = None, quiet: bool = False, **request):
+    """`app` in an Envelope, as a server runs it: the status, headers and body it sent."""
+    environ = EnvironBuilder(**request).get_environ()
+    environ["REMOTE_ADDR"] = "10.0.0.7"
+    server = StartResponse()
+    iterable = Envelope(app, config or Config(), None, quiet=quiet)(environ, server)
+    try:
+        body = b"".join(server.written) + b"".join(iterable)
+    finally:
+        if close := getattr(iterable, "close", None):
+            close()
+    return server, body
+
+
+def failing_at_first_chunk(environ, start_response):
+    """A WSGI app whose body fails before its first byte, after it called start_response."""
+    start_response("200 OK", [("Content-Type", "text/plain")])
+
+    class Body:
+        closed = False
+
+        def __iter__(self):
+            raise RuntimeError("the body failed")
+
+        def close(self):
+            Body.closed = True
+
+    failing_at_first_chunk.body = Body
+    return Body()
+
+
+def test_a_body_failing_before_its_first_byte_is_a_json_500(logged):
+    """The client gets the JSON 500 with the request id; the error and the access line say so,
+    and the app's iterable is closed."""
+    server, body = serve(failing_at_first_chunk, path="/report", headers={"X-Request-ID": "r-9"})
+    assert server.status.startswith("500 ")
+    assert json.loads(body) == {"error": "Internal Server Error", "status": 500}
+    headers = {name.lower(): value for name, value in server.headers}
+    assert headers == {
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+        "x-request-id": "r-9",
+    }
+    assert failing_at_first_chunk.body.closed
+    error, _ = logged.getvalue().splitlines()
+    assert error.startswith(f"{error[:19]} [ERROR] Exception on /report [GET] ")
+    assert fields(error)["logger"] == "application"
+    assert "RuntimeError: the body failed" in fields(error)["exception"]
+    [line] = access_lines(logged)
+    assert (line["status"], line["request_id"], "incomplete" in line) == ("500", "r-9", False)
+
+
+def test_a_streamed_flask_body_failing_at_once_is_a_json_500(app, logged):
+    """A streamed view that fails before yielding: Flask has answered, the Envelope makes the
+    500, and the response's close callbacks still run."""
+    closed = []
+
+    @app.route("/stream")
+    def stream():
+        def chunks() -> Iterator[bytes]:
+            raise RuntimeError("nothing to stream")
+            yield b""  # pragma: no cover
+
+        response = Response(stream_with_context(chunks()))
+        response.call_on_close(lambda: closed.append(True))
+        return response
+
+    server, body = serve(app, path="/stream")
+    assert server.status.startswith("500 ")
+    assert json.loads(body) == {"error": "Internal Server Error", "status": 500}
+    assert closed == [True]
+
+
+def test_an_interrupted_request_is_logged_as_incomplete(logged):
+    """A BaseException (a worker told to exit) still leaves an access line, then goes on."""
+
+    def exiting(environ, start_response):
+        raise SystemExit(1)
+
+    with pytest.raises(SystemExit):
+        serve(exiting, path="/x")
+    [line] = access_lines(logged)
+    assert (line["status"], line["incomplete"]) == ("500", "true")
+
+
+def test_a_body_pushed_through_write_reaches_the_server(logged):
+    """PEP 3333's write callable, for apps that push their body: the bytes get through."""
+
+    def pushing(environ, start_response):
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"pushed")
+        return []
+
+    server, body = serve(pushing)
+    assert (server.status, body) == ("200 OK", b"pushed")
+    [line] = access_lines(logged)
+    assert line["status"] == "200"
+
+
+def test_a_request_without_path_info_logs_an_empty_path(logged):
+    """PATH_INFO may be missing for the application's root (PEP 3333): the path is empty."""
+
+    def root(environ, start_response):
+        start_response("200 OK", [])
+        return [b"root"]
+
+    environ = EnvironBuilder().get_environ()
+    del environ["PATH_INFO"]
+    iterable = Envelope(root, Config(), None)(environ, StartResponse())
+    assert b"".join(iterable) == b"root"
+    iterable.close()
+    [line] = access_lines(logged)
+    assert line["path"] == ""
+
+
+def plain(status: str):
+    def app(environ, start_response):
+        start_response(status, [("Content-Type", "text/plain")])
+        return [b"body"]
+
+    return app
+
+
+@pytest.mark.parametrize(("status", "logged_lines"), [("200 OK", 0), ("399 X", 0), ("400 X", 1)])
+def test_a_quiet_envelope_logs_only_failures(logged, status, logged_lines):
+    """`quiet` (the metrics listener under LOG_QUIET_HEALTH): a line only from 400 on."""
+    serve(plain(status), quiet=True, path="/metrics")
+    assert len(access_lines(logged)) == logged_lines
+
+
+def test_what_the_app_writes_to_wsgi_errors_is_logged(app, logged):
+    """`wsgi.errors` becomes ERROR lines, one a line of text, blank lines left out."""
+
+    @app.route("/complain")
+    def complain():
+        errors = request.environ["wsgi.errors"]
+        assert errors.write("disk full\n\nretrying\n") == len("disk full\n\nretrying\n")
+        errors.writelines(["gave up\n"])
+        errors.flush()
+        return "ok"
+
+    fetch(app.test_client(), "/complain", headers={"X-Request-ID": "r-5"})
+    lines = [line for line in logged.getvalue().splitlines() if "logger=wsgi.errors" in line]
+    assert [line[20:].partition(" request_id=")[0] for line in lines] == [
+        "[ERROR] disk full",
+        "[ERROR] retrying",
+        "[ERROR] gave up",
+    ]
+    assert all(fields(line)["request_id"] == "r-5" for line in lines)
+
+
+# -- a body without a length -------------------------------------------------------------------
+
+
+def test_a_chunked_body_over_max_body_size_is_413(app):
+    """A body without Content-Length (chunked) is held to MAX_BODY_SIZE as it is read."""
+    app = create_app(Config(max_body_size=10))
+
+    @app.post("/upload")
+    def upload():
+        return {"size": len(request.get_data())}
+
+    client = app.test_client()
+
+    def post(body: bytes):
+        return client.post(
+            "/upload",
+            input_stream=io.BytesIO(body),
+            environ_overrides={"wsgi.input_terminated": True},
+        )
+
+    assert post(b"x" * 10).json == {"size": 10}
+    response = post(b"x" * 11)
+    assert response.status_code == 413
+    assert response.json == {"error": "Request Entity Too Large", "status": 413}
+
+
+class Body(io.BytesIO):
+    """A request body that remembers how far it was read."""
+
+
+@pytest.mark.parametrize("read", [lambda b: b.read(), lambda b: b.readline()])
+def test_body_limit_reads_up_to_the_limit(read):
+    """Exactly MAX_BODY_SIZE bytes is a body, not an error."""
+    assert read(BodyLimit(Body(b"0123456789"), 10)) == b"0123456789"
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda b: b.read(),
+        lambda b: b.read(1000),
+        lambda b: b.readline(),
+        lambda b: b.readline(1000),
+        lambda b: b.readlines(),
+        lambda b: list(b),
+    ],
+)
+def test_body_limit_refuses_one_byte_more_and_reads_no_further(read):
+    """Past the limit is a 413, and no more than one byte past it was taken from the client."""
+    stream = Body(b"x" * 1000)
+    with pytest.raises(RequestEntityTooLarge):
+        read(BodyLimit(stream, 10))
+    assert stream.tell() == 11
+
+
+def test_body_limit_reads_what_is_asked_within_the_limit():
+    """A read of a size the limit allows reads that size, and the limit counts every read."""
+    limited = BodyLimit(Body(b"x" * 20), 10)
+    assert limited.read(0) == b""
+    assert limited.read(3) == b"xxx"
+    assert limited.read(7) == b"x" * 7
+    with pytest.raises(RequestEntityTooLarge):
+        limited.read(1)
+
+
+def test_body_limit_reads_lines_as_a_file_does():
+    """readline, readlines and iteration give the body's lines, as wsgi.input must."""
+    body = b"one\ntwo\nthree"
+    assert BodyLimit(Body(body), 100).readline() == b"one\n"
+    assert BodyLimit(Body(body), 100).readlines() == [b"one\n", b"two\n", b"three"]
+    assert list(BodyLimit(Body(body), 100)) == [b"one\n", b"two\n", b"three"]
+    assert BodyLimit(Body(body), 100).readline(2) == b"on"

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 from flask import Response, request, stream_with_context
+from prometheus_client import REGISTRY
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import (
     MethodNotAllowed,
@@ -20,12 +21,13 @@ from werkzeug.exceptions import (
 )
 from werkzeug.test import EnvironBuilder
 
-from application.config import Config
+from application.config import Config, Datastore
 from application.health import HealthChecker
 from application.web import STARTED, BodyLimit, Envelope, create_app
 from tests import servers
 
 COMMIT = "abc123"
+REFUSED = Datastore("db", "tcp://127.0.0.1:1")  # nothing listens on port 1: refused at once
 READY_PATHS = ["/health", "/health/ready"]
 HEALTH_METHODS = ["GET", "HEAD", "OPTIONS"]
 
@@ -575,3 +577,51 @@ def test_body_limit_reads_lines_as_a_file_does():
     assert BodyLimit(Body(body), 100).readlines() == [b"one\n", b"two\n", b"three"]
     assert list(BodyLimit(Body(body), 100)) == [b"one\n", b"two\n", b"three"]
     assert BodyLimit(Body(body), 100).readline(2) == b"on"
+
+
+# -- what create_app wires ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("hops", "remote"), [(0, "127.0.0.1"), (1, "203.0.113.9")])
+def test_trusted_proxies_decide_whose_address_is_logged(capture_logs, hops, remote):
+    """TRUSTED_PROXIES=1: the client a proxy names in X-Forwarded-For; 0: the peer itself."""
+    stream = capture_logs(Config())
+    client = create_app(Config(trusted_proxies=hops)).test_client()
+    fetch(client, "/", headers={"X-Forwarded-For": "203.0.113.9"})
+    [line] = access_lines(stream)
+    assert line["remote"] == remote
+
+
+def test_a_failing_view_is_logged_by_the_apps_logger(client, logged):
+    """Flask's own error line for a view's exception comes from the `application` logger."""
+    fetch(client, "/fail")
+    [error] = [line for line in logged.getvalue().splitlines() if "[ERROR]" in line]
+    assert " [ERROR] Exception on /fail [GET] " in error
+    assert fields(error)["logger"] == "application"
+
+
+def test_a_check_within_health_cache_ttl_reuses_the_round():
+    """HEALTH_CACHE_TTL: a second check soon after the first answers with the same round."""
+    app = create_app(Config(datastores=(REFUSED,), health_cache_ttl=60))
+    try:
+        first, second = (app.test_client().get("/health?verbose=1") for _ in range(2))
+    finally:
+        app.extensions["health"].close()
+    assert (first.status_code, second.status_code) == (500, 500)
+    assert first.json["checks"]["db"]["error"] == "connection refused"
+    assert second.json == first.json
+
+
+def test_the_health_rounds_are_counted_in_the_metrics():
+    """With metrics on, each probe round the health route runs is counted."""
+
+    def rounds() -> float:
+        return REGISTRY.get_sample_value("health_rounds_total") or 0.0
+
+    app = create_app(Config(datastores=(REFUSED,), health_cache_ttl=0))
+    before = rounds()
+    try:
+        assert app.test_client().get("/health").status_code == 500
+    finally:
+        app.extensions["health"].close()
+    assert rounds() == before + 1

@@ -592,6 +592,38 @@ def test_trusted_proxies_decide_whose_address_is_logged(capture_logs, hops, remo
     assert line["remote"] == remote
 
 
+def test_two_trusted_proxies_give_the_clients_scheme_host_port_and_prefix(capture_logs):
+    """TRUSTED_PROXIES=2: each X-Forwarded-* header is read two hops from the right."""
+    stream = capture_logs(Config())
+    app = create_app(Config(trusted_proxies=2))
+    app.add_url_rule("/where", "where", lambda: request.url_root)
+    headers = {
+        "X-Forwarded-For": "198.51.100.1, 203.0.113.9",
+        "X-Forwarded-Proto": "https, http",
+        "X-Forwarded-Host": "public.example, inner.example",
+        "X-Forwarded-Port": "8443, 8080",
+        "X-Forwarded-Prefix": "/api, /inner",
+    }
+    response = fetch(app.test_client(), "/where", headers=headers)
+    assert response.text == "https://public.example:8443/api/"
+    [line] = access_lines(stream)
+    assert line["remote"] == "198.51.100.1"
+
+
+def test_a_request_is_timed_in_the_metrics_from_when_it_was_taken(client):
+    """http_request_duration_seconds observes the request from the server's STARTED reading."""
+
+    def observed() -> float:
+        labels = {"method": "GET", "route": "/"}
+        return REGISTRY.get_sample_value("http_request_duration_seconds_sum", labels) or 0.0
+
+    before = observed()
+    started = time.perf_counter() - 100  # taken a hundred seconds ago
+    fetch(client, "/", environ_overrides={STARTED: started})
+    took = time.perf_counter() - started
+    assert 100 <= observed() - before <= took
+
+
 def test_a_failing_view_is_logged_by_the_apps_logger(client, logged):
     """Flask's own error line for a view's exception comes from the `application` logger."""
     fetch(client, "/fail")

@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import re
+import sys
 import time
 from collections.abc import Iterator
 
@@ -342,7 +343,8 @@ def test_an_empty_body_is_closed_and_logged_at_once(app, logged):
 
 
 class StartResponse:
-    """A server's start_response that keeps what it was given, as PEP 3333 describes it."""
+    """A server's start_response that keeps what it was given, as PEP 3333 describes it:
+    called again once the headers went out, it raises the exc_info it must be given."""
 
     def __init__(self) -> None:
         self.status = ""
@@ -350,6 +352,10 @@ class StartResponse:
         self.written: list[bytes] = []
 
     def __call__(self, status, headers, exc_info=None):
+        if self.status:
+            if exc_info is None:
+                raise AssertionError("start_response called again without exc_info")
+            raise exc_info[1].with_traceback(exc_info[2])
         self.status, self.headers = status, headers
         return self.written.append
 
@@ -439,6 +445,33 @@ def test_an_interrupted_request_is_logged_as_incomplete(logged):
     assert (line["status"], line["incomplete"]) == ("500", "true")
 
 
+def test_an_app_that_fails_after_its_first_byte_hears_from_the_server(logged):
+    """start_response again, with exc_info, once the body began: the server's rules apply (it
+    raises the app's error, which ends the body); the access line says `incomplete=true`."""
+
+    def failing_late(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"one"
+        try:
+            raise LookupError("gone")
+        except LookupError:
+            start_response("500 Internal Server Error", [], sys.exc_info())
+
+    with pytest.raises(LookupError, match="gone"):
+        serve(failing_late)
+    [line] = access_lines(logged)
+    assert (line["status"], line["incomplete"]) == ("200", "true")
+
+
+def test_an_app_that_never_calls_start_response_is_a_json_500(logged):
+    """An app that returns without a status is a JSON 500, and the error line says why."""
+    server, body = serve(lambda environ, start_response: [b"no status"], path="/mute")
+    assert server.status.startswith("500 ")
+    assert json.loads(body) == {"error": "Internal Server Error", "status": 500}
+    [error] = [line for line in logged.getvalue().splitlines() if "[ERROR]" in line]
+    assert "RuntimeError: the app returned without calling start_response" in error
+
+
 def test_a_body_pushed_through_write_reaches_the_server(logged):
     """PEP 3333's write callable, for apps that push their body: the bytes get through."""
 
@@ -522,7 +555,8 @@ def test_a_chunked_body_over_max_body_size_is_413(app):
         return client.post(
             "/upload",
             input_stream=io.BytesIO(body),
-            environ_overrides={"wsgi.input_terminated": True},
+            # as a server passes a chunked body: no length, the stream ends where the body does
+            environ_overrides={"wsgi.input_terminated": True, "CONTENT_LENGTH": ""},
         )
 
     assert post(b"x" * 10).json == {"size": 10}

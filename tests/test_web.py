@@ -580,6 +580,7 @@ def test_body_limit_reads_up_to_the_limit(read):
     [
         lambda b: b.read(),
         lambda b: b.read(1000),
+        lambda b: b.read(12),  # two past the limit of 10: still only one taken
         lambda b: b.readline(),
         lambda b: b.readline(1000),
         lambda b: b.readlines(),

@@ -32,6 +32,7 @@ CASES = [
     (f"00-{TRACE}-{SPAN}-00", TraceContext(TRACE, SPAN, sampled=False)),
     (f"00-{TRACE}-{SPAN}-09", TraceContext(TRACE, SPAN, sampled=True)),  # a bit field: masked
     (f"00-{TRACE}-{SPAN}-02", TraceContext(TRACE, SPAN, sampled=False)),
+    (f"00-{TRACE}-{SPAN}-ff", TraceContext(TRACE, SPAN, sampled=True)),  # flags are hex
     (None, None),  # missing
     ("", None),
     ("garbage", None),

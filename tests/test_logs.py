@@ -273,6 +273,140 @@ def test_bind_request_id_clears_the_previous_request():
     assert structlog.contextvars.get_contextvars() == {"request_id": "new"}
 
 
+def log_request(stream: io.StringIO, **request: object) -> list[str]:
+    """The access lines logs.log_request writes for `request` (GET /x, 200, by default)."""
+    logs.log_request(
+        **{
+            "method": "GET",
+            "path": "/x",
+            "status": 200,
+            "started": time.perf_counter(),
+            "remote": "10.0.0.7",
+            "quiet_health": False,
+            **request,
+        }
+    )
+    return stream.getvalue().splitlines()
+
+
+def test_access_line_reads_back_as_the_requests_fields(capture_logs, monkeypatch):
+    """`request finished`, then method, path, status, duration_ms to 0.1 ms, remote, in order."""
+    stream = capture_logs(Config())
+    monkeypatch.setattr(time, "perf_counter", lambda: 100.0)  # a fixed clock
+    [line] = log_request(stream, method="POST", path="/a b", status=201, started=99.87654)
+    assert TEXT_LINE.match(line)
+    assert "[INFO] " in line
+    assert servers.log_pairs(line) == [
+        ("request", None),
+        ("finished", None),
+        ("method", "POST"),
+        ("path", "/a b"),
+        ("status", "201"),
+        ("duration_ms", "123.5"),
+        ("remote", "10.0.0.7"),
+    ]
+
+
+def test_access_line_duration_is_the_time_since_started(capture_logs):
+    """duration_ms counts from `started`, a perf_counter reading, to when the line is written."""
+    stream = capture_logs(Config(log_format="json"))
+    started = time.perf_counter() - 10_000  # a request that took ten thousand seconds
+    before = (time.perf_counter() - started) * 1000
+    log_request(stream, started=started)
+    after = (time.perf_counter() - started) * 1000
+    assert round(before, 1) <= json.loads(stream.getvalue())["duration_ms"] <= round(after, 1)
+
+
+def test_access_line_without_a_client_address_says_null(capture_logs):
+    """A server that gives no REMOTE_ADDR (a Unix socket): `remote=null`."""
+    [line] = log_request(capture_logs(Config()), remote=None)
+    assert line.endswith(" remote=null")
+
+
+def test_a_complete_response_is_not_marked(capture_logs):
+    """By default the body went out whole: no `incomplete` field."""
+    [line] = log_request(capture_logs(Config()))
+    assert "incomplete" not in line
+
+
+def test_a_response_cut_short_is_marked_incomplete(capture_logs):
+    """`complete=False`: the line says `incomplete=true`, with the status the client got."""
+    [line] = log_request(capture_logs(Config()), complete=False)
+    fields = dict(servers.log_pairs(line))
+    assert (fields["status"], fields["incomplete"]) == ("200", "true")
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "quiet_health", "logged"),
+    [
+        ("/health", 200, True, False),
+        ("/health/ready", 200, True, False),
+        ("/health/live", 399, True, False),
+        ("/health", 400, True, True),  # failures are always logged
+        ("/health/ready", 503, True, True),
+        ("/healthy", 200, True, True),  # not a health route
+        ("/", 200, True, True),
+        ("/", 500, True, True),
+        ("/health", 200, False, True),
+        ("/health/live", 200, False, True),
+    ],
+)
+def test_log_quiet_health_drops_only_successful_health_requests(
+    capture_logs, path, status, quiet_health, logged
+):
+    """LOG_QUIET_HEALTH: no line for /health and /health/... under 400; every other one stays."""
+    lines = log_request(capture_logs(Config()), path=path, status=status, quiet_health=quiet_health)
+    assert len(lines) == (1 if logged else 0)
+
+
+def test_an_uncaught_exception_is_one_critical_line(capture_logs):
+    """The interpreter's last word on an exception nothing caught: one line, traceback inside."""
+    stream = capture_logs(Config())
+    try:
+        1 / 0  # noqa: B018 - the point is the exception
+    except ZeroDivisionError:
+        sys.excepthook(*sys.exc_info())
+    [line] = stream.getvalue().splitlines()
+    assert "[CRITICAL] uncaught exception exception=" in line
+    assert r'"Traceback (most recent call last):\n' in line
+    assert line.endswith(r'ZeroDivisionError: division by zero"')
+
+
+def test_an_exception_ending_a_thread_is_one_critical_line_naming_it(capture_logs):
+    """A thread that dies of an exception: one line with the thread's name and the traceback."""
+    stream = capture_logs(Config())
+
+    def fail() -> None:
+        raise RuntimeError("thread broke")
+
+    thread = threading.Thread(target=fail, name="worker-7")
+    thread.start()
+    thread.join()
+    [line] = stream.getvalue().splitlines()
+    fields = dict(servers.log_pairs(line))
+    assert "[CRITICAL] uncaught exception in thread thread=worker-7 exception=" in line
+    assert fields["thread"] == "worker-7"
+    assert fields["exception"].startswith("Traceback (most recent call last):\n")
+    assert fields["exception"].endswith("RuntimeError: thread broke")
+
+
+def test_an_uncaught_exception_without_a_thread_says_null(capture_logs):
+    """The hook's `thread` may be None (Python's docs): the line says `thread=null`."""
+    stream = capture_logs(Config())
+    error = RuntimeError("no thread")
+    threading.excepthook(threading.ExceptHookArgs([RuntimeError, error, None, None]))
+    [line] = stream.getvalue().splitlines()
+    assert dict(servers.log_pairs(line))["thread"] == "null"
+    assert line.endswith('RuntimeError: no thread"')
+
+
+def test_a_thread_hook_call_without_an_exception_logs_nothing(capture_logs):
+    """The hook's `exc_value` may be None (Python's docs): there is nothing to log."""
+    stream = capture_logs(Config())
+    threading.excepthook(threading.ExceptHookArgs([SystemExit, None, None, None]))
+    assert stream.getvalue() == ""
+
+
 @pytest.mark.parametrize("level", ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
 def test_stdlib_record_is_one_text_line(configure, level):
     """A stdlib record, newline and all, comes out as one line in the service's layout."""

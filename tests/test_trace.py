@@ -32,6 +32,7 @@ CASES = [
     (f"00-{TRACE}-{SPAN}-00", TraceContext(TRACE, SPAN, sampled=False)),
     (f"00-{TRACE}-{SPAN}-09", TraceContext(TRACE, SPAN, sampled=True)),  # a bit field: masked
     (f"00-{TRACE}-{SPAN}-02", TraceContext(TRACE, SPAN, sampled=False)),
+    (f"00-{TRACE}-{SPAN}-ff", TraceContext(TRACE, SPAN, sampled=True)),  # flags are hex
     (None, None),  # missing
     ("", None),
     ("garbage", None),
@@ -157,6 +158,57 @@ def test_an_opentelemetry_span_wins(capture_logs, log_format: str):
     assert "b7ad6b7169203331" in inside
     assert TRACE not in inside
     assert TRACE in after
+
+
+def test_text_lines_carry_no_cloud_fields(capture_logs):
+    """Text lines, with a project set and a trace bound: no severity, no Cloud Trace fields."""
+    stream = capture_logs(Config(google_cloud_project="my-project"))
+    logs.bind_request_id("r1", VALID)
+    structlog.get_logger().info("app event")
+    fields = dict(servers.log_pairs(stream.getvalue()))
+    assert fields.keys() == {"app", "event", "request_id", "trace_id", "span_id"}
+
+
+def test_debug_lines_carry_no_cloud_fields(capture_logs):
+    """DEBUG=1 renders for a person at a terminal, LOG_FORMAT=json or not: no severity."""
+    stream = capture_logs(Config(log_format="json", debug=True, google_cloud_project="p"))
+    logs.bind_request_id("r1", VALID)
+    structlog.get_logger().info("app event")
+    assert TRACE in stream.getvalue()
+    assert "severity" not in stream.getvalue()
+    assert "googleapis" not in stream.getvalue()
+
+
+def test_json_lines_without_a_project_name_no_cloud_trace(capture_logs):
+    """A trace but no GOOGLE_CLOUD_PROJECT: the ids and severity, no Cloud Trace fields."""
+    stream = capture_logs(Config(log_format="json"))
+    logs.bind_request_id("r1", VALID)
+    structlog.get_logger().info("app event")
+    event = json.loads(stream.getvalue())
+    assert (event["trace_id"], event["span_id"], event["severity"]) == (TRACE, SPAN, "INFO")
+    assert not any(key.startswith("logging.googleapis.com/") for key in event)
+
+
+@pytest.mark.parametrize(("flags", "sampled"), [("00", True), ("01", False)])
+def test_an_opentelemetry_spans_sampling_decision_wins(capture_logs, flags: str, sampled: bool):
+    """Inside this service's own span, Cloud Logging's trace_sampled is that span's decision,
+    not the one in the caller's header."""
+    stream = capture_logs(Config(log_format="json", google_cloud_project="my-project"))
+    logs.bind_request_id("r1", f"00-{TRACE}-{SPAN}-{flags}")
+    own = otel.SpanContext(
+        trace_id=0x0AF7651916CD43DD8448EB211C80319C,
+        span_id=0xB7AD6B7169203331,
+        is_remote=False,
+        trace_flags=otel.TraceFlags(otel.TraceFlags.SAMPLED if sampled else 0),
+    )
+    with otel.use_span(otel.NonRecordingSpan(own)):
+        structlog.get_logger().info("in the span")
+    event = json.loads(stream.getvalue())
+    assert event["logging.googleapis.com/trace"] == (
+        "projects/my-project/traces/0af7651916cd43dd8448eb211c80319c"
+    )
+    assert event["logging.googleapis.com/spanId"] == "b7ad6b7169203331"
+    assert event["logging.googleapis.com/trace_sampled"] is sampled
 
 
 def test_no_processor_for_text_without_opentelemetry(monkeypatch):

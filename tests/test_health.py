@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from application.config import Datastore
+from application.config import Config, Datastore
 from application.health import WAIT_GRACE, HealthChecker, Report
 from application.probes import probe_for
 from tests.conftest import proxy_to, runs_under, through
@@ -230,6 +231,50 @@ def test_close_stops_and_closes_the_probe_loop(make_checker: MakeChecker, databa
     checker.close()
     assert loop is not None
     assert loop.is_closed()
+
+
+def logged(stream: io.StringIO, *events: str) -> list[dict[str, object]]:
+    """The JSON lines of `stream` whose event is one of `events`, in order."""
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    return [line for line in lines if line["event"] in events]
+
+
+def test_a_datastore_is_logged_once_when_it_fails_and_once_when_it_recovers(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy, capture_logs
+):
+    """A warning with the reason as it starts failing, an info as it answers again: a line per
+    change of state, none for a round that changes nothing (healthy at start included)."""
+    stream = capture_logs(Config(log_format="json"))
+    checker = make_checker(database)
+    assert checker.report().result(WAIT).healthy
+    database_proxy.set_mode("refuse")
+    for _ in range(2):
+        assert not checker.report().result(WAIT).healthy
+    database_proxy.set_mode("pass")
+    for _ in range(2):
+        assert checker.report().result(WAIT).healthy
+    changes = logged(stream, "datastore unhealthy", "datastore recovered")
+    assert [(line["level"], line["event"], line["datastore"]) for line in changes] == [
+        ("WARNING", "datastore unhealthy", "database"),
+        ("INFO", "datastore recovered", "database"),
+    ]
+    assert changes[0]["reason"] == "connection refused"
+    assert "reason" not in changes[1]
+
+
+def test_an_unknown_failure_is_generic_in_the_report_and_detailed_in_the_debug_log(
+    make_checker: MakeChecker, capture_logs
+):
+    """A TCP connect to the broadcast address (ENETUNREACH, which describe() has no words for):
+    the report says where to look, the DEBUG line names datastore, target and the error."""
+    stream = capture_logs(Config(log_format="json", log_level="DEBUG"))
+    report = make_checker({"queue": "tcp://255.255.255.255:9"}).report().result(WAIT)
+    assert report.status == "queue: unexpected error (details in the debug log)"
+    [detail] = logged(stream, "probe failed")
+    assert detail["level"] == "DEBUG"
+    assert (detail["datastore"], detail["target"]) == ("queue", "tcp://255.255.255.255:9")
+    assert detail["error_type"] == "OSError"
+    assert "Network is unreachable" in str(detail["error"])
 
 
 class BlockingProbe:

@@ -258,11 +258,13 @@ async def test_redis_probe_on_a_hung_server_times_out(redis_url: str):
         assert await proxy.wait_open_async(0, 2)
 
 
-async def test_redis_probe_without_a_port_asks_6379():
-    """`redis://host` means Redis's port: a server on 6379 of a loopback address of its own."""
+async def test_redis_probe_without_a_port_asks_6379_of_that_host():
+    """`redis://host` means Redis's port on that host: here a server still loading, on 6379 of
+    a loopback address of its own (not the local Redis, which would answer PONG)."""
     host = f"127.{random.randrange(1, 255)}.{random.randrange(1, 255)}.{random.randrange(1, 255)}"
-    with LineServer(b"+PONG\r\n", address=(host, 6379)):
-        await probe_for(Datastore("cache", f"redis://{host}"), TIMEOUT).ping()
+    with LineServer(b"-LOADING Redis is loading the dataset in memory\r\n", address=(host, 6379)):
+        probe = probe_for(Datastore("cache", f"redis://{host}"), TIMEOUT)
+        assert describe(await failure(probe), TIMEOUT) == "loading"
 
 
 async def test_redis_probe_decodes_percent_encoded_credentials(tmp_path: Path):

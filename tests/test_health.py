@@ -266,17 +266,19 @@ def test_a_datastore_is_logged_once_when_it_fails_and_once_when_it_recovers(
     assert "reason" not in changes[1]
 
 
+@pytest.mark.parametrize("scheme", ["tcp", "redis", "postgresql"])
 def test_an_unknown_failure_is_generic_in_the_report_and_detailed_in_the_debug_log(
-    make_checker: MakeChecker, capture_logs
+    make_checker: MakeChecker, capture_logs, scheme: str
 ):
-    """A TCP connect to the broadcast address (ENETUNREACH, which describe() has no words for):
-    the report says where to look, the DEBUG line names datastore, target and the error."""
+    """A connect to the broadcast address (ENETUNREACH, which describe() has no words for), by
+    each probe: the report says where to look, the DEBUG line names datastore, target, error."""
     stream = capture_logs(Config(log_format="json", log_level="DEBUG"))
-    report = make_checker({"queue": "tcp://255.255.255.255:9"}).report().result(WAIT)
-    assert report.status == "queue: unexpected error (details in the debug log)"
+    target = f"{scheme}://255.255.255.255:9"
+    report = make_checker({"store": target}).report().result(WAIT)
+    assert report.status == "store: unexpected error (details in the debug log)"
     [detail] = logged(stream, "probe failed")
     assert detail["level"] == "DEBUG"
-    assert (detail["datastore"], detail["target"]) == ("queue", "tcp://255.255.255.255:9")
+    assert (detail["datastore"], detail["target"]) == ("store", target)
     assert detail["error_type"] == "OSError"
     assert "Network is unreachable" in str(detail["error"])
 

@@ -22,6 +22,7 @@ from application.tls import tls_context
         ("?ssl_cert_reqs=Optional", (ssl.CERT_OPTIONAL, True)),
         ("?ssl_check_hostname=no", (ssl.CERT_REQUIRED, False)),
         ("?ssl_cert_reqs=required&ssl_check_hostname=1", (ssl.CERT_REQUIRED, True)),
+        ("?db=0&ssl_cert_reqs=none", (ssl.CERT_NONE, False)),  # read past the client's own
     ],
 )
 def test_tls_context_follows_the_parameters(query: str, expected: tuple[ssl.VerifyMode, bool]):

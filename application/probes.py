@@ -142,7 +142,7 @@ class RedisProbe:
         self.name = datastore.name
         self.target = datastore.target
         parts = urlsplit(datastore.url)
-        self._host = parts.hostname or "localhost"
+        self._host = parts.hostname  # config.py refuses a redis:// URL without one
         self._port = parts.port or 6379
         # Built once: loading the CA bundle takes tens of ms, too long for every ping.
         self._tls = tls_context(datastore.url) if parts.scheme == "rediss" else None
@@ -180,8 +180,7 @@ class TcpProbe:
         self.name = datastore.name
         self.target = datastore.target
         parts = urlsplit(datastore.url)
-        self._host = parts.hostname or ""
-        self._port = parts.port or 0
+        self._host, self._port = parts.hostname, parts.port  # config.py requires both
 
     async def ping(self) -> None:
         _, writer = await asyncio.open_connection(self._host, self._port)

@@ -84,7 +84,9 @@ def _load(name: str, load: Callable[..., None], *args: str | None, **kwargs: str
     try:
         load(*args, **kwargs)
     except ssl.SSLError as error:
-        reason = (error.reason or "not PEM").lower().replace("_", " ")
+        # OpenSSL's reason, as words ("no certificate or crl found"); none for a key or
+        # certificate file that is not PEM at all ("PEM lib").
+        reason = error.reason.lower().replace("_", " ") if error.reason else "not PEM"
         raise ValueError(f"{name}: cannot load it ({reason})") from None
     except OSError as error:
         raise ValueError(f"{name}: cannot load it ({error.strerror or 'unreadable'})") from None

@@ -98,9 +98,9 @@ class LineServer:
     (SO_LINGER 0), as a crashed middlebox gives; `hang-up`: closes at once without reading.
     """
 
-    def __init__(self, action: bytes | str) -> None:
+    def __init__(self, action: bytes | str, address: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         self.action = action
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(address)
         self.port = int(self._listener.getsockname()[1])
         self._open: list[socket.socket] = []
         self._thread = threading.Thread(target=self._serve, name="LineServer", daemon=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -17,9 +18,11 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
-from application.config import Datastore
+from application.config import Config, Datastore
 from application.health import WAIT_GRACE, HealthChecker, Report
+from application.metrics import instruments
 from application.probes import probe_for
 from tests.conftest import proxy_to, runs_under, through
 from tests.faultproxy import FaultProxy
@@ -116,6 +119,8 @@ def test_the_verbose_body_details_each_check(make_checker: MakeChecker, database
         "cache": ("Unhealthy", "connection refused"),
     }
     assert all(isinstance(check["duration_ms"], float) for check in checks.values())
+    # Milliseconds to a tenth, as the README shows them.
+    assert all(round(check["duration_ms"], 1) == check["duration_ms"] for check in checks.values())
 
 
 def test_datastores_are_probed_concurrently(make_checker: MakeChecker, database_url: str):
@@ -240,6 +245,52 @@ def test_close_stops_and_closes_the_probe_loop(make_checker: MakeChecker, databa
     assert loop.is_closed()
 
 
+def logged(stream: io.StringIO, *events: str) -> list[dict[str, object]]:
+    """The JSON lines of `stream` whose event is one of `events`, in order."""
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    return [line for line in lines if line["event"] in events]
+
+
+def test_a_datastore_is_logged_once_when_it_fails_and_once_when_it_recovers(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy, capture_logs
+):
+    """A warning with the reason as it starts failing, an info as it answers again: a line per
+    change of state, none for a round that changes nothing (healthy at start included)."""
+    stream = capture_logs(Config(log_format="json"))
+    checker = make_checker(database)
+    assert checker.report().result(WAIT).healthy
+    database_proxy.set_mode("refuse")
+    for _ in range(2):
+        assert not checker.report().result(WAIT).healthy
+    database_proxy.set_mode("pass")
+    for _ in range(2):
+        assert checker.report().result(WAIT).healthy
+    changes = logged(stream, "datastore unhealthy", "datastore recovered")
+    assert [(line["level"], line["event"], line["datastore"]) for line in changes] == [
+        ("WARNING", "datastore unhealthy", "database"),
+        ("INFO", "datastore recovered", "database"),
+    ]
+    assert changes[0]["reason"] == "connection refused"
+    assert "reason" not in changes[1]
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "redis", "postgresql"])
+def test_an_unknown_failure_is_generic_in_the_report_and_detailed_in_the_debug_log(
+    make_checker: MakeChecker, capture_logs, scheme: str
+):
+    """A connect to the broadcast address (ENETUNREACH, which describe() has no words for), by
+    each probe: the report says where to look, the DEBUG line names datastore, target, error."""
+    stream = capture_logs(Config(log_format="json", log_level="DEBUG"))
+    target = f"{scheme}://255.255.255.255:9"
+    report = make_checker({"store": target}).report().result(WAIT)
+    assert report.status == "store: unexpected error (details in the debug log)"
+    [detail] = logged(stream, "probe failed")
+    assert detail["level"] == "DEBUG"
+    assert (detail["datastore"], detail["target"]) == ("store", target)
+    assert detail["error_type"] == "OSError"
+    assert "Network is unreachable" in str(detail["error"])
+
+
 class BlockingProbe:
     """A datastore whose ping blocks the probe loop itself, so no deadline can end the round."""
 
@@ -293,6 +344,7 @@ def test_reports_after_close_are_answered_at_once(
     later = checker.report()
     assert later.done()
     assert later.result(0).status == "database: shutting down"
+    assert later.result(0).checks[0].duration_ms == 0.0  # no datastore was asked
     assert asyncio.run(asyncio.wait_for(checker.wait(), WAIT)).http_status == 500
 
 
@@ -317,6 +369,8 @@ def test_a_wait_answers_by_its_own_bound_when_the_round_overruns(wait):
         with runs_under(TIMEOUT + WAIT_GRACE + SLACK):
             report = wait(checker)
         assert report.status == f"stuck: timed out after {TIMEOUT:g} s"
+        # The datastore's duration is how long this caller waited for it (1 ms: clock rounding).
+        assert report.checks[0].duration_ms >= 1000 * (TIMEOUT + WAIT_GRACE) - 1
     finally:
         checker.close(5)
 
@@ -332,6 +386,55 @@ def test_threads_waiting_without_a_loop_share_the_round_in_flight(
     assert all(report is reports[0] for report in reports)
     assert reports[0].healthy
     assert database_proxy.accepted == 1
+
+
+def test_one_daemon_thread_runs_every_round(make_checker: MakeChecker, database):
+    """Three rounds, one more thread: `health-probes`, a daemon, so that a checker nobody
+    closed never keeps the process from exiting."""
+
+    def probe_threads() -> list[threading.Thread]:
+        return [thread for thread in threading.enumerate() if thread.name == "health-probes"]
+
+    before = probe_threads()
+    checker = make_checker(database)
+    for _ in range(3):
+        assert checker.report().result(WAIT).healthy
+    [thread] = [thread for thread in probe_threads() if thread not in before]
+    assert thread.daemon
+
+
+def test_a_waiter_whose_loop_has_closed_troubles_nobody_when_the_round_ends(
+    make_checker: MakeChecker, database, database_proxy: FaultProxy, capture_logs
+):
+    """A caller gave up and its event loop is gone before the round ends: the round still
+    ends for everyone else, and waking the gone caller logs no error."""
+    stream = capture_logs(Config(log_format="json"))
+    database_proxy.set_mode("delay", delay=0.3)
+    checker = make_checker(database, timeout=2.0)
+    with pytest.raises(TimeoutError):
+        asyncio.run(asyncio.wait_for(checker.wait(), 0.05))
+    in_flight = checker.report()
+    woken = threading.Event()
+    in_flight.add_done_callback(lambda _: woken.set())  # runs after the gone caller's callback
+    assert woken.wait(WAIT)
+    assert in_flight.result(0).healthy
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line for line in lines if line["level"] in {"ERROR", "CRITICAL"}] == []
+
+
+def test_a_probe_is_timed_in_seconds_as_the_report_times_it_in_milliseconds(database):
+    """The probe histogram observes the very duration the report shows, in seconds."""
+    labels = {"datastore": "database"}
+    before = REGISTRY.get_sample_value("health_probe_duration_seconds_sum", labels) or 0.0
+    probes = [probe_for(Datastore("database", database["database"]), TIMEOUT)]
+    checker = HealthChecker(probes, TIMEOUT, 0, metrics=instruments())
+    try:
+        report = checker.report().result(WAIT)
+    finally:
+        checker.close()
+    observed = REGISTRY.get_sample_value("health_probe_duration_seconds_sum", labels)
+    assert observed is not None
+    assert observed - before == pytest.approx(report.checks[0].duration_ms / 1000)
 
 
 def in_a_forked_child(check: Callable[[], str]) -> str:

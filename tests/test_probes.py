@@ -5,7 +5,9 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import errno
 import os
+import random
 import signal
 import socket
 import ssl
@@ -14,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from application.config import Datastore
@@ -172,9 +175,67 @@ async def test_a_pool_with_its_connection_checked_out_is_exhausted(database: Pos
         assert describe(await failure(database), TIMEOUT) == "pool exhausted"
 
 
+async def test_a_postgres_scheme_is_probed_as_postgresql(pg_cluster: PgCluster):
+    """`postgres://`, libpq's other spelling, gets SELECT 1 too: bad credentials are found out,
+    where a bare TCP connect would have passed."""
+    url = pg_cluster.dsn(password="wrong").replace("postgresql://", "postgres://", 1)  # noqa: S106
+    assert url.startswith("postgres://")
+    probe = probe_for(Datastore("database", url), TIMEOUT)
+    try:
+        assert describe(await failure(probe), TIMEOUT) == "authentication failed"
+    finally:
+        await probe.close()
+
+
+async def test_a_ping_costs_one_statement_and_no_reset(pg_cluster: PgCluster):
+    """SELECT 1 is the last statement the server saw from the probe's connection: its release
+    to the pool sends no reset (asyncpg's default would be a second round trip)."""
+    probe = PostgresProbe(Datastore("database", pg_cluster.dsn()), 2.0)
+    inspector = await asyncpg.connect(pg_cluster.superuser_dsn())
+    try:
+        await probe.ping()
+        statements = await inspector.fetch(
+            "SELECT query FROM pg_stat_activity WHERE application_name = 'health-probe'"
+        )
+    finally:
+        await inspector.close()
+        await probe.close()
+    assert [row["query"] for row in statements] == ["SELECT 1"]
+
+
+async def test_closing_gives_up_on_a_checked_out_connection_after_the_timeout(
+    database_proxy: FaultProxy, database_url: str
+):
+    """close() waits for the pool's connection by the probe's timeout at most, then ends it."""
+    probe = PostgresProbe(Datastore("database", through(database_proxy, database_url)), TIMEOUT)
+    await probe.ping()
+    assert probe._pool is not None
+    await probe._pool.acquire()  # never released: as a ping stuck past every deadline
+    with runs_under(TIMEOUT + 2):
+        await asyncio.wait_for(probe.close(), TIMEOUT + 5)  # past its deadline: fail, not hang
+    assert await database_proxy.wait_open_async(0, 2)
+
+
 def test_an_unknown_error_is_not_described():
     """An error describe() does not know gets None, for the caller to log in detail."""
     assert describe(ValueError("something else"), TIMEOUT) is None
+
+
+def test_every_address_of_a_name_refused_is_connection_refused():
+    """A name with several addresses, each refused: asyncio joins the errors in one OSError
+    (Linux refuses a loopback connect at once, so each reads "Connection refused")."""
+    refused = [ConnectionRefusedError(111, "Connection refused") for _ in range(2)]
+    joined = OSError(f"Multiple exceptions: {', '.join(str(error) for error in refused)}")
+    assert describe(joined, TIMEOUT) == "connection refused"
+
+
+async def test_an_unreachable_network_is_not_described():
+    """A TCP connect to the broadcast address fails at once with ENETUNREACH: an OSError with no
+    words of ours, so the caller logs it in detail."""
+    probe = probe_for(Datastore("queue", "tcp://255.255.255.255:9"), TIMEOUT)
+    error = await failure(probe)
+    assert (type(error), error.errno) == (OSError, errno.ENETUNREACH)
+    assert describe(error, TIMEOUT) is None
 
 
 async def test_redis_probe_pings_the_real_redis(redis_url: str):
@@ -195,6 +256,23 @@ async def test_redis_probe_on_a_hung_server_times_out(redis_url: str):
         probe = probe_for(Datastore("cache", f"redis://127.0.0.1:{proxy.port}"), TIMEOUT)
         assert describe(await failure(probe), TIMEOUT) == f"timed out after {TIMEOUT:g} s"
         assert await proxy.wait_open_async(0, 2)
+
+
+async def test_redis_probe_without_a_port_asks_6379_of_that_host():
+    """`redis://host` means Redis's port on that host: here a server still loading, on 6379 of
+    a loopback address of its own (not the local Redis, which would answer PONG)."""
+    host = f"127.{random.randrange(1, 255)}.{random.randrange(1, 255)}.{random.randrange(1, 255)}"
+    with LineServer(b"-LOADING Redis is loading the dataset in memory\r\n", address=(host, 6379)):
+        probe = probe_for(Datastore("cache", f"redis://{host}"), TIMEOUT)
+        assert describe(await failure(probe), TIMEOUT) == "loading"
+
+
+async def test_redis_probe_decodes_percent_encoded_credentials(tmp_path: Path):
+    """A user and password with / : @ percent-encoded in the URL reach Redis decoded."""
+    acl = ("--user", "pro:be", "on", ">p@ss/w:rd", "~*", "+@all")
+    with redis_server(tmp_path, *acl) as server:
+        url = f"redis://pro%3Abe:p%40ss%2Fw%3Ard@127.0.0.1:{server.port}"
+        await probe_for(Datastore("cache", url), TIMEOUT).ping()
 
 
 @pytest.mark.parametrize("credentials", [":pw@", "default:pw@"])
@@ -324,7 +402,7 @@ async def test_redis_error_replies_are_described(tmp_path: Path, state: str):
         url = f"redis://{credentials}127.0.0.1:{server.port}"
         probe = probe_for(Datastore("cache", url), TIMEOUT)
         error = await failure(probe)
-    assert (type(error), describe(error, TIMEOUT)) == (BadReply, words)
+    assert (type(error), describe(error, TIMEOUT), str(error)) == (BadReply, words, words)
 
 
 async def test_a_renamed_auth_never_shows_the_password(tmp_path: Path):

@@ -188,7 +188,8 @@ class HealthChecker:
         self._closed = False
 
     def _start_round(self) -> Future[Report]:
-        if not self.probes:
+        if not self.probes:  # nothing to ask: finished at once, and cached like any round
+            self._finished_at = time.monotonic()
             return _finished(Report())
         shared: Future[Report] = Future()
         asyncio.run_coroutine_threadsafe(self._run_round(shared), self._probe_loop())

@@ -579,3 +579,36 @@ def test_a_server_east_of_utc_stamps_its_lines_in_utc(mode):
     stamps = [datetime.fromisoformat(line[:19]).replace(tzinfo=UTC) for line in server.lines]
     assert stamps
     assert all(started <= stamp <= stopped for stamp in stamps), (started, stopped, stamps)
+
+
+def test_lines_to_a_pipe_from_many_threads_arrive_whole(configure):
+    """Stdout a pipe to a log shipper: every line of 8 threads arrives whole, the short ones
+    and those longer than a pipe takes in one write (which another write could split)."""
+    read_end, write_end = os.pipe()
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(_read_all(read_end)))
+    reader.start()
+    with os.fdopen(write_end, "w") as stream:
+        logs.configure(Config(), stream=stream)
+        long = "x" * 70_000
+
+        def shout(thread: int) -> None:
+            for n in range(200):
+                logs.log.info("line", thread=thread, n=n)
+            logs.log.info("long", thread=thread, text=long)
+
+        threads = [threading.Thread(target=shout, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    reader.join(10)
+    lines = received[0].decode().splitlines()
+    assert len(lines) == 8 * 201
+    assert sum(line.endswith(f"text={long}") for line in lines) == 8
+    assert all(TEXT_LINE.match(line) for line in lines)
+
+
+def _read_all(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as pipe:
+        return pipe.read()

@@ -593,9 +593,10 @@ def test_lines_to_a_pipe_from_many_threads_arrive_whole(configure):
         long = "x" * 70_000
 
         def shout(thread: int) -> None:
+            log = structlog.get_logger()  # not logs.log: it would stay bound to this pipe
             for n in range(200):
-                logs.log.info("line", thread=thread, n=n)
-            logs.log.info("long", thread=thread, text=long)
+                log.info("line", thread=thread, n=n)
+            log.info("long", thread=thread, text=long)
 
         threads = [threading.Thread(target=shout, args=(t,)) for t in range(8)]
         for thread in threads:
@@ -612,3 +613,35 @@ def test_lines_to_a_pipe_from_many_threads_arrive_whole(configure):
 def _read_all(fd: int) -> bytes:
     with os.fdopen(fd, "rb") as pipe:
         return pipe.read()
+
+
+def test_below_log_level_nothing_is_written_in_process(configure):
+    stream = configure(Config(log_level="WARNING"))
+    log = structlog.get_logger()
+    log.info("quiet")
+    logging.getLogger("asyncpg").info("quiet too")
+    log.warning("loud")
+    lines = stream.getvalue().splitlines()
+    assert [line[len("2025-01-02 03:04:05 ") :] for line in lines] == ["[WARNING] loud"]
+
+
+@pytest.mark.parametrize("name", ["gunicorn.access", "hypercorn.access"])
+def test_the_servers_access_loggers_write_nothing(configure, name):
+    """The app writes the one access line; the servers' own never reach stdout."""
+    stream = configure()
+    logging.getLogger(name).critical("GET / 200")
+    assert stream.getvalue() == ""
+
+
+@pytest.mark.parametrize("name", ["gunicorn.error", "hypercorn.error"])
+def test_the_servers_error_lines_come_out_once_in_the_format(configure, name):
+    """The handler a server gave its logger goes: its lines come out once, as ours."""
+    server_handler = logging.StreamHandler(io.StringIO())
+    logging.getLogger(name).addHandler(server_handler)
+    stream = configure()
+    logging.getLogger(name).warning("worker timeout")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    assert TEXT_LINE.match(lines[0])
+    assert lines[0].endswith(f"[WARNING] worker timeout logger={name}")
+    assert server_handler not in logging.getLogger(name).handlers

@@ -75,11 +75,7 @@ def health_route(path: str, method: str) -> bool | None:
 
 def health_answer(report: Report, commit: str, query: str) -> tuple[int, bytes]:
     """A health check's status and JSON; `?verbose=1` (or true, yes) adds each datastore's."""
-    verbose = "verbose" in query and parse_qs(query).get("verbose", [""])[0].lower() in (
-        "1",
-        "true",
-        "yes",
-    )
+    verbose = parse_qs(query).get("verbose", [""])[0].lower() in ("1", "true", "yes")
     return report.http_status, report.body(commit, verbose=verbose)
 
 

@@ -165,10 +165,7 @@ def test_a_request_past_the_graceful_timeout_is_cut_and_the_process_exits_in_tim
     with ThreadPoolExecutor(1) as pool:
         pool.submit(lambda: server.get("/health", timeout=70))
         assert database_proxy.wait_accepted(1, timeout=10)
-        server.process.send_signal(signal.SIGTERM)
-        sent = time.perf_counter()
-        code = server.process.wait(timeout=60)
-        exited = time.perf_counter() - sent
+        code, exited = exit_after_sigterm(server)
     server.stop()
     assert code == 0
     assert exited < 0.5 + graceful + 1.5  # closing the probe pools, exiting; not EXIT_GRACE
@@ -183,13 +180,18 @@ def test_a_view_stuck_in_a_thread_does_not_hold_hypercorns_exit() -> None:
     with ThreadPoolExecutor(1) as pool:
         pool.submit(lambda: server.get("/slow?seconds=60", timeout=70))
         server.wait_for_line("slow view started")
-        server.process.send_signal(signal.SIGTERM)
-        sent = time.perf_counter()
-        code = server.process.wait(timeout=60)
-        exited = time.perf_counter() - sent
+        code, exited = exit_after_sigterm(server)
     server.stop()
     assert code == 0
     assert exited < 0.5 + graceful + EXIT_GRACE + 1  # the exit itself, on a busy machine
+
+
+def exit_after_sigterm(server: servers.Server) -> tuple[int, float]:
+    """SIGTERM, then the exit code and the seconds it took to come."""
+    server.process.send_signal(signal.SIGTERM)
+    sent = time.perf_counter()
+    code = server.process.wait(timeout=60)
+    return code, time.perf_counter() - sent
 
 
 @pytest.mark.parametrize("subject", list(SUBJECTS), indirect=True)

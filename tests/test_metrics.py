@@ -454,17 +454,22 @@ def test_a_scrape_waits_for_no_datastore(listener: exporter.Exporter):
     assert answer.elapsed.total_seconds() < 2
 
 
+def scrape_directory(directory: Path) -> httpx.Response:
+    """A scrape of a listener adding up the multiprocess files in `directory`, stopped after."""
+    metrics = exporter.Exporter(Config(metrics_port=servers.free_port()), str(directory))
+    try:
+        return scrape(metrics)
+    finally:
+        metrics.stop()
+
+
 def test_a_file_a_process_has_only_just_created_fails_no_scrape(tmp_path, capture_logs):
     """A new multiprocess file is empty until its process sizes it; one left empty by a process
     killed in that moment stays so. The scrape of the others' files goes on."""
     (tmp_path / "counter_4242.db").touch()
     (tmp_path / "gauge_livesum_4242.db").touch()
     capture_logs(Config())
-    metrics = exporter.Exporter(Config(metrics_port=servers.free_port()), str(tmp_path))
-    try:
-        answer = scrape(metrics)
-    finally:
-        metrics.stop()
+    answer = scrape_directory(tmp_path)
     assert answer.status_code == 200
     assert "python_info" in answer.text
 
@@ -535,11 +540,7 @@ def test_a_scrape_of_several_processes_adds_up_their_files(tmp_path: Path):
     """Each counter summed over the processes; `python_info`, the same in each, and none of the
     process metrics, which would describe the supervisor."""
     serving_processes(tmp_path, 2)
-    metrics = exporter.Exporter(Config(metrics_port=servers.free_port()), str(tmp_path))
-    try:
-        text = scrape(metrics).text
-    finally:
-        metrics.stop()
+    text = scrape_directory(tmp_path).text
     assert sample(text, 'http_requests_total{method="GET",route="/",status="200"}') == 2
     assert sample(text, 'http_request_duration_seconds_count{method="GET",route="/"}') == 2
     assert sample(text, "http_requests_in_flight") == 2
@@ -553,11 +554,7 @@ def test_a_process_marked_exited_leaves_the_live_gauges_and_keeps_its_counts(tmp
     """Its request still in flight no longer counts; the requests it answered still do."""
     first, _ = serving_processes(tmp_path, 2)
     exporter.process_exited(first, str(tmp_path))
-    metrics = exporter.Exporter(Config(metrics_port=servers.free_port()), str(tmp_path))
-    try:
-        text = scrape(metrics).text
-    finally:
-        metrics.stop()
+    text = scrape_directory(tmp_path).text
     assert sample(text, "http_requests_in_flight") == 1
     assert sample(text, 'http_requests_total{method="GET",route="/",status="200"}') == 2
 
@@ -567,11 +564,7 @@ def test_a_file_gone_while_a_scrape_lists_them_fails_no_scrape(tmp_path: Path):
     reading: here a name that leads nowhere. The scrape of the others goes on."""
     serving_processes(tmp_path, 1)
     (tmp_path / "gauge_livesum_4242.db").symlink_to(tmp_path / "removed.db")
-    metrics = exporter.Exporter(Config(metrics_port=servers.free_port()), str(tmp_path))
-    try:
-        answer = scrape(metrics)
-    finally:
-        metrics.stop()
+    answer = scrape_directory(tmp_path)
     assert answer.status_code == 200
     assert sample(answer.text, "http_requests_in_flight") == 1
 

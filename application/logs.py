@@ -165,7 +165,7 @@ def render_line(_: WrappedLogger, __: str, event_dict: EventDict) -> str:
     line = f"{timestamp} [{level}] {escape(str(event_dict.pop('event', '')))}"
     if not event_dict:
         return line
-    pairs = [f"{_key(str(key))}={_value(value)}" for key, value in event_dict.items()]
+    pairs = [f"{_key(key)}={_value(value)}" for key, value in event_dict.items()]
     return f"{line} {' '.join(pairs)}"
 
 
@@ -182,11 +182,16 @@ def escape(text: str, table: tuple[tuple[str, str], ...] = _IN_MESSAGE) -> str:
     return "".join(c if c.isprintable() else _json_escape(c)[1:-1] for c in text)
 
 
-def _key(key: str) -> str:
-    return key if key.isprintable() and _BARE.fullmatch(key) else escape(key, _IN_KEY)
+@functools.lru_cache(maxsize=1024, typed=True)
+def _key(key: object) -> str:
+    """A key as rendered, once per key: the same few are logged on every request."""
+    text = str(key)
+    return text if text.isprintable() and _BARE.fullmatch(text) else escape(text, _IN_KEY)
 
 
 def _value(value: object) -> str:
+    if type(value) is int:  # a status, a count: the commonest after text, and never quoted
+        return str(value)
     if isinstance(value, str):
         text = value
     elif value is None:

@@ -377,10 +377,11 @@ def _before_view() -> None:
     the environ when the request ends, before the access line and the metrics. Refuse a declared
     length over MAX_BODY_SIZE before anything reads the body (a body without one is held to it
     as it is read: `BodyLimit`)."""
-    if request.url_rule is not None:
-        request.environ[ROUTE] = request.url_rule.rule
-    limit = current_app.config["SERVICE"].max_body_size
-    if request.content_length is not None and request.content_length > limit:
+    this = request._get_current_object()  # one context look-up, not one per attribute
+    if this.url_rule is not None:
+        this.environ[ROUTE] = this.url_rule.rule
+    length = this.content_length
+    if length is not None and length > current_app.config["SERVICE"].max_body_size:
         abort(413)
 
 

@@ -5,7 +5,7 @@ this script pins itself there too, with the FaultProxies it runs). Every figure 
 ratio to a reference measured in the same run, printed next to its target (PASS/MISS).
 Writes bench/results.md and bench/chart.png; servers' stdout goes to bench/out/.
 
-    scripts/bench               # the whole run, about 3-4 minutes
+    scripts/bench               # the whole run, about 12 minutes
     scripts/bench --quick       # 2 s wrk runs instead of 5 s, for a smoke test
 """
 
@@ -881,6 +881,93 @@ def figure9(results: Results, seconds: float) -> None:
         )
 
 
+STREAMED_MIB = 100
+
+
+def figure10(results: Results) -> None:
+    """A 100 MB streamed response (a generator of 64 KiB chunks, no Content-Length): the
+    throughput of one download through asgi_app against gunicorn's, and the memory the server
+    takes for it beyond what it held before (its RSS sampled every 10 ms). Three downloads
+    each, alternating; the best throughput and the largest growth count."""
+    print(f"10. a {STREAMED_MIB} MiB streamed response", flush=True)
+    env = {"WEB_CONCURRENCY": "1"}
+    servers = {kind: start(kind, f"fig10-{kind}", env, module="stream")
+               for kind in ("hypercorn", "gunicorn-conf")}  # fmt: skip
+    seconds: dict[str, list[float]] = {kind: [] for kind in servers}
+    grown: dict[str, list[int]] = {kind: [] for kind in servers}
+    try:
+        for _ in range(3):
+            for kind, server in servers.items():
+                took, extra = _download(server, f"/stream/{STREAMED_MIB}")
+                seconds[kind].append(took)
+                grown[kind].append(extra)
+    finally:
+        for server in servers.values():
+            server.stop()
+    mb_s = {kind: STREAMED_MIB * 1.048576 / min(took) for kind, took in seconds.items()}
+    extra_mb = {kind: max(extra) / 1e6 for kind, extra in grown.items()}
+    ratio = mb_s["hypercorn"] / mb_s["gunicorn-conf"]
+    for kind, label in (("gunicorn-conf", "app, gunicorn"), ("hypercorn", "asgi_app, hypercorn")):
+        ours = kind == "hypercorn"
+        results.add(
+            Row(
+                "10",
+                f"{STREAMED_MIB} MiB streamed response, {label}",
+                f"{mb_s[kind]:,.0f} MB/s (best of "
+                f"{', '.join(f'{t:.2f}' for t in seconds[kind])} s); "
+                f"RSS +{extra_mb[kind]:.1f} MB at most",
+                f"gunicorn: {mb_s['gunicorn-conf']:,.0f} MB/s" if ours else "",
+                ratio if ours else None,
+                ">= 0.5x gunicorn, < 30 MB more RSS" if ours else "",
+                (ratio >= 0.5 and extra_mb[kind] < 30) if ours else None,
+                chart="asgi_app stream / gunicorn" if ours else "",
+            )
+        )
+
+
+def _download(server: Server, path: str) -> tuple[float, int]:
+    """Seconds to read the whole response over one connection, and how much the server's
+    RSS (every process of it) grew meanwhile at most, in bytes."""
+    before = tree_rss(server.process.pid)
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.01):
+            peak = max(peak, tree_rss(server.process.pid))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    buffer = bytearray(1 << 20)
+    received = 0
+    tail = b""
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as connection:
+            started = time.perf_counter()
+            connection.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode()
+            )
+            while count := connection.recv_into(buffer):
+                received += count
+                tail = (tail + buffer[:count])[-5:]
+            took = time.perf_counter() - started
+    finally:
+        done.set()
+        sampler.join()
+    if received < STREAMED_MIB << 20 or tail != b"0\r\n\r\n":  # chunked, to its last chunk
+        raise SystemExit(f"{server.name}: the stream ended after {received:,} bytes")
+    return took, peak - before
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of process `pid` and every process under it, in bytes."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    status = Path(f"/proc/{pid}/status").read_text()
+    kib = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+    return kib * 1024 + sum(tree_rss(int(child)) for child in children)
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time of process `pid` and every process under it (gunicorn's workers)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -1052,6 +1139,7 @@ def main() -> int:
         "7": lambda: figure7(results),
         "8": lambda: figure8(results, seconds),
         "9": lambda: figure9(results, seconds),
+        "10": lambda: figure10(results),
     }
     chosen = args.only.split(",") if args.only else list(figures)
     for number in chosen:

@@ -154,7 +154,7 @@ def make_app(config: Config | None = None) -> tuple[Flask, AsgiApp]:
 def app() -> Iterator[AsgiApp]:
     _, asgi = make_app()
     yield asgi
-    asgi.threads.executor.shutdown()
+    asgi.threads.shutdown()
     asgi.checker.close()
 
 
@@ -370,7 +370,7 @@ async def test_threads_are_handed_out_then_queued_then_refused() -> None:
     assert not waiting.done()
     threads.give_back()
     assert await waiting
-    threads.executor.shutdown()
+    threads.shutdown()
 
 
 async def test_a_client_gone_from_the_line_gives_up_its_place() -> None:
@@ -385,7 +385,7 @@ async def test_a_client_gone_from_the_line_gives_up_its_place() -> None:
     assert await first is False
     threads.give_back()
     assert await second is True
-    threads.executor.shutdown()
+    threads.shutdown()
 
 
 async def test_a_cancelled_waiter_leaves_no_thread_behind() -> None:
@@ -399,7 +399,7 @@ async def test_a_cancelled_waiter_leaves_no_thread_behind() -> None:
         await waiter
     threads.give_back()
     assert await threads.take(FakeClient())  # type: ignore[arg-type]
-    threads.executor.shutdown()
+    threads.shutdown()
 
 
 # -- more of the environ -----------------------------------------------------------------------
@@ -619,7 +619,7 @@ def unhealthy() -> Iterator[AsgiApp]:
     checker = HealthChecker([RefusedProbe()], timeout=0.5, cache_ttl=0)  # type: ignore[list-item]
     asgi = AsgiApp(create_app(Config(commit="c0ffee"), checker=checker))
     yield asgi
-    asgi.threads.executor.shutdown()
+    asgi.threads.shutdown()
     checker.close()
 
 
@@ -716,7 +716,7 @@ async def test_native_health_reads_the_trusted_proxys_forwarded_for(
     try:
         await answer(app, "/health/live", headers=headers)
     finally:
-        app.threads.executor.shutdown()
+        app.threads.shutdown()
         app.checker.close()
     [line] = access(lines())
     assert "remote=203.0.113.9" in line
@@ -732,7 +732,7 @@ async def test_log_quiet_health_quiets_native_health(lines: Callable[[], list[st
         await answer(app, "/health/live")
         await answer(app, "/health/ready")
     finally:
-        app.threads.executor.shutdown()
+        app.threads.shutdown()
         checker.close()
     [line] = access(lines())
     assert "path=/health/ready status=500" in line
@@ -774,7 +774,7 @@ async def test_without_metrics_requests_are_served(lines: Callable[[], list[str]
         assert (await answer(app, "/health/live")).status == 200
         assert (await answer(app, "/")).status == 200
     finally:
-        app.threads.executor.shutdown()
+        app.threads.shutdown()
         app.checker.close()
 
 
@@ -797,7 +797,7 @@ def serve() -> Iterator[Callable[[Wsgi], AsgiApp]]:
 
     yield bridge
     for asgi in made:
-        asgi.threads.executor.shutdown()
+        asgi.threads.shutdown()
         asgi.checker.close()
 
 
@@ -985,7 +985,7 @@ def pool(request: pytest.FixtureRequest) -> Iterator[tuple[Flask, AsgiApp]]:
     flask_app, asgi = make_app(Config(commit="c0ffee", wsgi_threads=threads))
     yield flask_app, asgi
     flask_app.config["GATE"][1].set()
-    asgi.threads.executor.shutdown()
+    asgi.threads.shutdown()
     asgi.checker.close()
 
 
@@ -1092,7 +1092,7 @@ async def test_threads_given_back_can_all_be_taken_again() -> None:
     assert not third.done()
     threads.give_back()
     assert await third
-    threads.executor.shutdown()
+    threads.shutdown()
 
 
 async def test_a_client_leaving_behind_others_hands_them_nothing() -> None:
@@ -1109,7 +1109,7 @@ async def test_a_client_leaving_behind_others_hands_them_nothing() -> None:
     assert not waiting.done()
     threads.give_back()
     assert await waiting
-    threads.executor.shutdown()
+    threads.shutdown()
 
 
 async def test_a_thread_handed_to_a_client_that_left_goes_to_the_pool() -> None:
@@ -1123,7 +1123,7 @@ async def test_a_thread_handed_to_a_client_that_left_goes_to_the_pool() -> None:
     leaving.left.set_result(None)
     assert await waiting is False
     assert await asyncio.wait_for(threads.take(FakeClient()), 10)  # type: ignore[arg-type]
-    threads.executor.shutdown()
+    threads.shutdown()
 
 
 # -- more of wsgi.input ----------------------------------------------------------------------------
@@ -1234,11 +1234,14 @@ async def test_lifespan_starts_and_stops_the_metrics_listener() -> None:
     server = Lifespan(app)
     assert await server.step("lifespan.startup") == {"type": "lifespan.startup.complete"}
     assert await asyncio.to_thread(listening, port)
+    assert await app.threads.take(FakeClient())  # type: ignore[arg-type]
+    assert await app.threads.run(threading.get_ident) != threading.get_ident()
+    [thread] = app.threads.started
     assert await server.step("lifespan.shutdown") == {"type": "lifespan.shutdown.complete"}
     await server.ended()
     assert not await asyncio.to_thread(listening, port)
-    with pytest.raises(RuntimeError):
-        app.threads.executor.submit(print)
+    await asyncio.to_thread(thread.join, 2)
+    assert not thread.is_alive()
 
 
 @pytest.mark.parametrize(
@@ -1266,7 +1269,7 @@ async def test_a_taken_metrics_port_fails_the_start() -> None:
             failed = await server.step("lifespan.startup")
             await server.ended()
         finally:
-            app.threads.executor.shutdown()
+            app.threads.shutdown()
             app.checker.close()
     assert failed["type"] == "lifespan.startup.failed"
     assert failed["message"].startswith(f"metrics: cannot listen on METRICS_PORT {port}: ")

@@ -132,7 +132,7 @@ def test_asgi_app_counts_in_flight_once(app: Flask):
     try:
         asyncio.run(asgi(scope("/in-flight"), exchange.receive, exchange.send))
     finally:
-        asgi.threads.executor.shutdown()
+        asgi.threads.shutdown()
     assert exchange.status == 200
     assert exchange.body == b'{"in_flight":%d.0}\n' % (before + 1)
     assert value("http_requests_in_flight") == before
@@ -148,7 +148,7 @@ def test_asgi_apps_own_answers_are_counted_by_route(app: Flask):
             exchange = Exchange()
             asyncio.run(asgi(scope("/health/live"), exchange.receive, exchange.send))
     finally:
-        asgi.threads.executor.shutdown()
+        asgi.threads.shutdown()
     assert value("http_requests_total", **labels) == before + 3
 
 
@@ -167,7 +167,7 @@ def test_a_refused_request_is_counted_by_the_route_flask_would_match(
 ):
     """A 503 or 499 made before Flask runs names the route Flask would have named."""
     asgi = AsgiApp(app)
-    asgi.threads.executor.shutdown()
+    asgi.threads.shutdown()
     assert asgi._route(path, method) == route
 
 
@@ -175,7 +175,7 @@ def test_metrics_off_counts_nothing():
     """METRICS_PORT=0: no instruments for the app, its checker or asgi_app; nothing changes."""
     flask_app = create_app(Config(metrics_port=0))
     asgi = AsgiApp(flask_app)
-    asgi.threads.executor.shutdown()
+    asgi.threads.shutdown()
     labels = {"method": "GET", "route": "/", "status": "200"}
     before = value("http_requests_total", **labels)
     assert flask_app.test_client().get("/", buffered=True).status_code == 200

@@ -253,7 +253,7 @@ def test_every_line_of_a_native_health_request_carries_its_trace(capture_logs, l
     try:
         asyncio.run(asgi(scope("/health", headers=headers), exchange.receive, exchange.send))
     finally:
-        asgi.threads.executor.shutdown()
+        asgi.threads.shutdown()
         asgi.checker.close()
     assert exchange.status == 500
     for line in _health_lines(stream):
@@ -269,7 +269,7 @@ def test_two_traceparent_headers_bind_no_trace_natively(capture_logs):
     try:
         asyncio.run(asgi(scope("/health/live", headers=headers), exchange.receive, exchange.send))
     finally:
-        asgi.threads.executor.shutdown()
+        asgi.threads.shutdown()
         asgi.checker.close()
     assert "request finished" in stream.getvalue()
     assert TRACE not in stream.getvalue()

@@ -1126,6 +1126,41 @@ async def test_a_thread_handed_to_a_client_that_left_goes_to_the_pool() -> None:
     threads.shutdown()
 
 
+async def test_a_job_that_raises_hands_its_error_over_and_frees_its_thread() -> None:
+    """What Flask raises (a BaseException too) reaches the request awaiting it; the thread is
+    free again, and the same thread runs the next job: the pool never shrinks."""
+    threads = Threads(1, max_waiting=1)
+
+    def fail() -> None:
+        raise SystemExit("from a view")
+
+    assert await threads.take(FakeClient())  # type: ignore[arg-type]
+    with pytest.raises(SystemExit, match="from a view"):
+        await threads.run(fail)
+    assert await asyncio.wait_for(threads.take(FakeClient()), 10)  # type: ignore[arg-type]
+    assert await threads.run(threading.current_thread) is threads.started[0]
+    assert len(threads.started) == 1
+    threads.shutdown()
+
+
+async def test_threads_start_only_as_requests_need_them() -> None:
+    """A pool of 4 serving one request at a time runs on one thread; two at once, on two."""
+    threads = Threads(4, max_waiting=1)
+    for _ in range(3):
+        assert await threads.take(FakeClient())  # type: ignore[arg-type]
+        await threads.run(time.sleep, 0)
+    assert len(threads.started) == 1
+    release = threading.Event()
+    assert await threads.take(FakeClient())  # type: ignore[arg-type]
+    held = threads.run(release.wait, 10)
+    assert await threads.take(FakeClient())  # type: ignore[arg-type]
+    await threads.run(time.sleep, 0)
+    release.set()
+    assert await held
+    assert len(threads.started) == 2
+    threads.shutdown()
+
+
 # -- more of wsgi.input ----------------------------------------------------------------------------
 
 

@@ -426,6 +426,22 @@ def figure1(results: Results, seconds: float) -> None:
                     chart=f"{label} {path} / peer" if goal else "",
                 )
             )
+    # asgi_app's floors against the ceiling, and against gunicorn for a Flask route (issue 8)
+    for path in ("/health", "/health/live"):
+        ours = best["hypercorn", path]
+        ratio = ours.rps / ceiling.rps
+        results.add(
+            Row("1", f"`{path}` asgi_app against the ceiling", f"{ours.rps:,.0f} req/s",
+                f"raw: {ceiling.rps:,.0f} req/s", ratio, ">= 0.7x raw", ratio >= 0.7)
+        )  # fmt: skip
+    ours, theirs = best["hypercorn", "/"], best["gunicorn-conf", "/"]
+    results.add(
+        Row("1", "`/` asgi_app against the ceiling and gunicorn",
+            f"{ours.rps:,.0f} req/s; {ours.rps / ceiling.rps:.2f}x raw",
+            f"gunicorn: {theirs.rps:,.0f} req/s", ours.rps / theirs.rps,
+            ">= 0.45x raw, >= 1x gunicorn",
+            ours.rps / ceiling.rps >= 0.45 and ours.rps >= theirs.rps)
+    )  # fmt: skip
 
 
 def figure2(results: Results, seconds: float) -> None:

@@ -85,6 +85,31 @@ def test_render_line_without_pairs_has_no_trailing_space():
     assert render("started") == "2025-01-02 03:04:05 [INFO] started"
 
 
+def test_a_line_missing_its_time_level_or_message_keeps_its_shape():
+    """An event dict without them (a processor chain of a team's own) renders empty places,
+    never `None` or a placeholder, and its pairs stay where a parser looks for them."""
+    assert logs.render_line(None, "info", {"status": 200}) == " []  status=200"
+
+
+@pytest.mark.parametrize(
+    ("method", "level"),
+    [
+        ("debug", "DEBUG"),
+        ("info", "INFO"),
+        ("warn", "WARNING"),
+        ("warning", "WARNING"),
+        ("error", "ERROR"),
+        ("exception", "ERROR"),
+        ("critical", "CRITICAL"),
+        ("fatal", "CRITICAL"),
+        ("msg", "MSG"),  # a method structlog's wrapper has and the stdlib names no level for
+    ],
+)
+def test_each_logging_method_gets_the_stdlib_level_name(method, level):
+    """`log.exception` is an ERROR line and `log.warn` a WARNING, as the stdlib names them."""
+    assert logs.add_level(None, method, {}) == {"level": level}
+
+
 @pytest.mark.parametrize(
     ("value", "rendered"),
     [

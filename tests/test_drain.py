@@ -280,6 +280,33 @@ def gthread_worker(listener: socket.socket) -> Iterator[ThreadWorker]:
     worker.tmp.close()
 
 
+def test_ctrl_c_stops_a_gthread_worker_caught_inside_its_pools_submit(listener):
+    """SIGINT or SIGQUIT landing while the worker's main thread is inside its thread pool's
+    `submit` (the pool's lock held, as when it starts a thread): the worker still exits at
+    once. gunicorn's own handler shuts the pool down first, and waited on that lock for ever."""
+    worker = drain.GthreadWorker(
+        1, os.getppid(), [listener], None, 30, gunicorn.config.Config(), None
+    )
+    worker.tpool = worker.get_thread_pool()
+    exits: list[SystemExit] = []
+
+    def handle_quit() -> None:
+        try:
+            worker.handle_quit(signal.SIGQUIT, None)
+        except SystemExit as stopped:
+            exits.append(stopped)
+
+    # What an interrupted submit holds (CPython's ThreadPoolExecutor, 3.11 to 3.13).
+    with worker.tpool._shutdown_lock:
+        quitting = threading.Thread(target=handle_quit, daemon=True)
+        quitting.start()
+        quitting.join(5)
+    assert [stopped.code for stopped in exits] == [0]
+    assert not worker.alive
+    worker.tpool.shutdown()
+    worker.tmp.close()
+
+
 def refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -182,12 +182,15 @@ def escape(text: str, table: tuple[tuple[str, str], ...] = _IN_MESSAGE) -> str:
     return "".join(c if c.isprintable() else _json_escape(c)[1:-1] for c in text)
 
 
+@functools.lru_cache(maxsize=1024, typed=True)
+def _key(key: object) -> str:
+    """A key as rendered, made once: the same few are logged on every line."""
+    return _escaped_key(key)
+
+
 def _escaped_key(key: object) -> str:
     text = str(key)
     return text if text.isprintable() and _BARE.fullmatch(text) else escape(text, _IN_KEY)
-
-
-_key = functools.lru_cache(maxsize=1024, typed=True)(_escaped_key)  # the same few every line
 
 
 def _value(value: object) -> str:

@@ -462,6 +462,16 @@ def test_path_split_without_raw_path_or_root_path() -> None:
     assert _split_path({"path": "/a b"}) == ("", "/a b")
 
 
+async def test_a_request_read_whole_leaves_nothing_reading_its_connection(app: AsgiApp) -> None:
+    """Only a body the app left unread is drained after the answer; a GET's connection is left
+    to hypercorn, with no task of ours waiting on it."""
+    before = set(asgi_module._dropping)
+    exchange = Exchange()
+    await app(scope("/"), exchange.receive, exchange.send)
+    assert exchange.status == 200
+    assert set(asgi_module._dropping) == before
+
+
 async def test_flask_runs_on_threads_named_for_it(app: AsgiApp) -> None:
     """The pool's threads are named `wsgi_N`, as a thread dump or a crash line shows them."""
     exchange = Exchange()
@@ -923,8 +933,8 @@ async def test_an_app_failing_before_its_response_is_a_500(
     assert json.loads(exchange.body) == {"error": "Internal Server Error", "status": 500}
     assert exchange.headers[b"content-type"] == b"application/json"
     assert exchange.headers[b"content-length"] == b"%d" % len(exchange.body)
-    [line] = [line for line in lines() if "WSGI app failed before its response" in line]
-    assert "path=/somewhere" in line
+    [line] = [line for line in lines() if "WSGI app failed" in line]
+    assert "[ERROR] WSGI app failed before its response path=/somewhere" in line
     assert message in "\n".join(lines())
 
 
@@ -1158,6 +1168,7 @@ async def test_threads_start_only_as_requests_need_them() -> None:
     release.set()
     assert await held
     assert len(threads.started) == 2
+    assert all(thread.daemon for thread in threads.started)  # a stuck view holds no exit
     threads.shutdown()
 
 

@@ -584,6 +584,25 @@ def test_a_chunked_body_over_max_body_size_is_413(app):
     assert response.json == {"error": "Request Entity Too Large", "status": 413}
 
 
+def test_a_declared_body_over_max_body_size_is_413_before_the_view_reads_it():
+    """Content-Length over MAX_BODY_SIZE: a JSON 413 and the view never runs; exactly the
+    limit is a body like any other."""
+    app = create_app(Config(max_body_size=10))
+    read: list[int] = []
+
+    @app.post("/upload")
+    def upload():
+        read.append(len(request.get_data()))
+        return {"size": read[-1]}
+
+    client = app.test_client()
+    assert client.post("/upload", data=b"x" * 10).json == {"size": 10}
+    response = client.post("/upload", data=b"x" * 11)
+    assert response.status_code == 413
+    assert response.json == {"error": "Request Entity Too Large", "status": 413}
+    assert read == [10]
+
+
 class Body(io.BytesIO):
     """A request body that remembers how far it was read."""
 

@@ -32,7 +32,7 @@ bind = f"0.0.0.0:{service.port}"
 # gthread: a worker serves `wsgi_threads` requests at once. Async views (/health) hold a
 # thread while they wait, so sync workers would serve one request per process.
 # WEB_CONCURRENCY (gunicorn's own default for `workers`) is read and checked with the rest.
-worker_class = "application.drain.GthreadWorker"  # gthread, stopping at once on SIGINT
+worker_class = drain.gthread_worker  # gthread, which SIGINT stops at once every time
 workers = service.web_concurrency
 threads = service.wsgi_threads
 

@@ -26,8 +26,6 @@ from types import FrameType
 from typing import Any
 
 import structlog
-from gunicorn.workers.base import Worker
-from gunicorn.workers.gthread import ThreadWorker
 
 from .config import Config
 
@@ -176,8 +174,9 @@ def close_gunicorn_listener(worker: Any) -> None:
     worker.set_accept_enabled = set_accept_enabled
 
 
-class GthreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no types
-    """gunicorn's gthread worker, which SIGINT and SIGQUIT stop at once every time.
+def gthread_worker() -> type:
+    """gunicorn's gthread worker, which SIGINT and SIGQUIT stop at once every time:
+    gunicorn.conf.py's `worker_class` (gunicorn calls a function given there for the class).
 
     gunicorn 27's shuts its thread pool down inside the signal handler. A signal that lands
     while the main thread is inside that pool's `submit` (which holds the pool's lock while it
@@ -185,10 +184,18 @@ class GthreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no type
     (CPython #121649), and the master killed the worker only after GRACEFUL_TIMEOUT: Ctrl-C
     took 15 s instead of 1, one time in a few under load. Here the handler only stops the
     worker; at exit Python stops the pool's threads as it stops every pool's.
-    """
 
-    def handle_quit(self, sig: int, frame: FrameType | None) -> None:
-        Worker.handle_quit(self, sig, frame)  # gunicorn's own, less the pool's shutdown
+    Made when gunicorn asks: importing gunicorn's workers loads setproctitle, which rewrites
+    the command line of the process, and hypercorn's processes import this module too.
+    """
+    from gunicorn.workers.base import Worker
+    from gunicorn.workers.gthread import ThreadWorker
+
+    class GthreadWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no types
+        def handle_quit(self, sig: int, frame: FrameType | None) -> None:
+            Worker.handle_quit(self, sig, frame)  # gunicorn's own, less the pool's shutdown
+
+    return GthreadWorker
 
 
 def close_gunicorn_connection(worker: Any, request: Any) -> None:

@@ -284,7 +284,7 @@ def test_ctrl_c_stops_a_gthread_worker_caught_inside_its_pools_submit(listener):
     """SIGINT or SIGQUIT landing while the worker's main thread is inside its thread pool's
     `submit` (the pool's lock held, as when it starts a thread): the worker still exits at
     once. gunicorn's own handler shuts the pool down first, and waited on that lock for ever."""
-    worker = drain.GthreadWorker(
+    worker = drain.gthread_worker()(
         1, os.getppid(), [listener], None, 30, gunicorn.config.Config(), None
     )
     worker.tpool = worker.get_thread_pool()

@@ -233,8 +233,8 @@ class Threads:
 
     A job reaches a thread through a queue and its outcome comes back in one
     `call_soon_threadsafe`: ThreadPoolExecutor's futures, locks and conditions, bridged by
-    `asyncio.wrap_future`, took six times the instructions per request (callgrind: 110k
-    against 17k a round trip), and `take` already keeps the count of threads in use."""
+    `asyncio.wrap_future`, took 2.5 times the instructions a round trip (163k against 66k,
+    `python -m bench.instructions`), and `take` already keeps the count of threads in use."""
 
     def __init__(self, threads: int, max_waiting: int) -> None:
         self._size = threads

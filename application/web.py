@@ -377,7 +377,7 @@ def _before_view() -> None:
     the environ when the request ends, before the access line and the metrics. Refuse a declared
     length over MAX_BODY_SIZE before anything reads the body (a body without one is held to it
     as it is read: `BodyLimit`)."""
-    this = request._get_current_object()  # type: ignore[attr-defined]  # one look-up, not one an attribute
+    this = request._get_current_object()  # type: ignore[attr-defined]  # looked up once
     if this.url_rule is not None:
         this.environ[ROUTE] = this.url_rule.rule
     length = this.content_length

@@ -172,6 +172,17 @@ def test_datastore_urls_are_separated_by_any_whitespace():
         ({"SHUTDOWN_DELAY": "0"}, Config(shutdown_delay=0.0)),
         ({"SHUTDOWN_DELAY": "2.5"}, Config(shutdown_delay=2.5)),
         ({"GRACEFUL_TIMEOUT": "20"}, Config(graceful_timeout=20)),
+        # each bound, accepted: one past it is refused (test_a_bad_setting_...)
+        ({"WEB_CONCURRENCY": "1"}, Config(web_concurrency=1)),
+        ({"GRACEFUL_TIMEOUT": "1"}, Config(graceful_timeout=1)),
+        ({"GRACEFUL_TIMEOUT": "3600"}, Config(graceful_timeout=3600)),
+        ({"WSGI_THREADS": "1"}, Config(wsgi_threads=1)),
+        ({"WSGI_THREADS": "1024"}, Config(wsgi_threads=1024)),
+        ({"MAX_BODY_SIZE": "0"}, Config(max_body_size=0)),
+        ({"MAX_BODY_SIZE": str(1 << 40)}, Config(max_body_size=1 << 40)),
+        ({"TRUSTED_PROXIES": "0"}, Config(trusted_proxies=0)),
+        ({"TRUSTED_PROXIES": "16"}, Config(trusted_proxies=16)),
+        ({"FLASK_DEBUG": "1"}, Config(debug=True)),
         ({"METRICS_PORT": "9100"}, Config(metrics_port=9100)),
         ({"METRICS_PORT": "0"}, Config(metrics_port=0)),
         ({"METRICS_PORT": "0", "PORT": "5000"}, Config(metrics_port=0)),
@@ -264,7 +275,16 @@ ERRORS = [
     bad("shutdown-delay", {"SHUTDOWN_DELAY": "-1"}, "SHUTDOWN_DELAY", "'-1'"),
     *[
         bad(f"graceful-timeout-{raw}", {"GRACEFUL_TIMEOUT": raw}, "GRACEFUL_TIMEOUT", repr(raw))
-        for raw in ["0", "soon", "2.5"]
+        for raw in ["0", "soon", "2.5", "3601"]
+    ],
+    *[
+        bad(f"{name.lower()}-{raw}", {name: raw}, name, repr(raw))
+        for name, raws in [
+            ("WSGI_THREADS", ["0", "1025"]),
+            ("MAX_BODY_SIZE", ["-1", str((1 << 40) + 1)]),
+            ("TRUSTED_PROXIES", ["-1", "17"]),
+        ]
+        for raw in raws
     ],
     *[
         bad(f"metrics-port-{raw}", {"METRICS_PORT": raw}, "METRICS_PORT", repr(raw))

@@ -978,16 +978,23 @@ def _download(server: Server, path: str) -> tuple[float, int]:
 
 def tree_rss(pid: int) -> int:
     """Resident memory of process `pid` and every process under it, in bytes."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sum(_rss(one) for one in tree(pid))
+
+
+def _rss(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
-    kib = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
-    return kib * 1024 + sum(tree_rss(int(child)) for child in children)
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def tree(pid: int) -> list[int]:
+    """Process `pid` and every process under it (gunicorn's workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(one for child in children for one in tree(int(child)))]
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """CPU time of process `pid` and every process under it (gunicorn's workers)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return _cpu_seconds(pid) + sum(tree_cpu_seconds(int(child)) for child in children)
+    """CPU time of process `pid` and every process under it."""
+    return sum(_cpu_seconds(one) for one in tree(pid))
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -47,6 +47,7 @@ Headers = list[tuple[bytes, bytes]]
 _Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
 
 EARLY_BODY = 64 * 1024  # read on the event loop before a thread is taken; the rest streams
+STREAM_AHEAD = 256 * 1024  # bytes of a streamed response the app may make ahead of its client
 WAITING_PER_THREAD = 32  # the line for threads: 1,024 with 32, near gunicorn's 1,000 connections
 
 log = structlog.get_logger()
@@ -133,9 +134,12 @@ class AsgiApp:
             whole = await running
         except Exception:
             if response.started:
+                await response.sent()  # what the app made before it failed, as gunicorn sends
                 raise  # the status is out: hypercorn logs it and cuts the connection short
             log.exception("WSGI app failed before its response", path=path_info)
             whole = _error(500, b"Internal Server Error")
+        else:
+            await response.sent()
         finally:
             client.stop_watching()
             # Cancelled while Flask runs: the body is still Flask's to read.
@@ -410,19 +414,28 @@ class RequestBody:
 
 class Response:
     """One request's WSGI side, run on a pool thread. A body that is whole when the app is done
-    goes back to the event loop in one piece; a streamed one is sent chunk by chunk, each
-    waiting for the client to take it, and stops as soon as the client has gone."""
+    goes back to the event loop in one piece. A streamed one goes out as the app makes it:
+    each chunk is handed to the loop without waiting for it to be sent, chunks made while the
+    one before is being sent go out together, and the app is paused while more than
+    STREAM_AHEAD bytes wait for a slow client. It stops as soon as the client has gone."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, send: Send, client: Client) -> None:
         self._loop = loop
         self._send = send
         self._client = client
-        self.started = False  # the status and headers have been sent
+        self.started = False  # the status is committed: the chunks go out, no other answer
         self._status: int | None = None
         self._headers: Headers = []
         self._length: int | None = None
         self._size = 0
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes] = []  # made by the app, not taken by the loop yet
+        self._room = threading.Condition()  # guards what follows; notified as chunks leave
+        self._waiting = 0  # the bytes of those chunks
+        self._sending = False  # a sender on the loop will look at the chunks again
+        self._gone = False  # the client has left, or a send failed: the app should stop
+        self._sender: asyncio.Task[None] | None = None  # the last one
+        self._announced = False  # the status and headers went out
+        self._watched = False
 
     def run(self, app: WsgiApp, environ: Environ) -> tuple[int, Headers, bytes] | None:
         """Call the app; its whole response, or None when it was streamed."""
@@ -456,33 +469,83 @@ class Response:
         return self.write
 
     def write(self, chunk: bytes) -> bool:
-        """Send `chunk` (the part of it Content-Length allows); False once the client is gone."""
+        """Hand `chunk` (the part of it Content-Length allows) to the loop, waiting only while
+        the client is STREAM_AHEAD bytes behind; False once the client is gone."""
         if self._status is None:
             raise RuntimeError("the WSGI app sent a body before calling start_response")
         if self._length is not None:
             chunk = chunk[: max(self._length - self._size, 0)]
         self._size += len(chunk)
-        self._chunks.append(chunk)
         if not self.started and self._size == self._length:
+            self._chunks.append(chunk)
             return True  # all of it is here: it goes out in one piece when the app is done
-        messages = [
-            {"type": "http.response.body", "body": b"".join(self._chunks), "more_body": True}
-        ]
-        self._chunks.clear()
-        if not self.started:
-            messages.insert(
-                0, {"type": "http.response.start", "status": self._status, "headers": self._headers}
-            )
-            self.started = True
-        return asyncio.run_coroutine_threadsafe(self._relay(messages), self._loop).result()
+        with self._room:
+            if not self._gone:
+                self.started = True
+                self._chunks.append(chunk)
+                self._waiting += len(chunk)
+                if not self._sending:
+                    self._sending = True
+                    self._loop.call_soon_threadsafe(self._start_sending)
+                self._room.wait_for(self._has_room)
+            return not self._gone
 
-    async def _relay(self, messages: list[Message]) -> bool:
-        self._client.watch()
-        for message in messages:
-            if self._client.gone:
-                break
-            await self._send(message)
-        return not self._client.gone
+    def _has_room(self) -> bool:
+        return self._waiting <= STREAM_AHEAD or self._gone
+
+    async def sent(self) -> None:
+        """Once every chunk the app has made is sent, or the client has gone; a failed send
+        raises its error here."""
+        if self._sender is not None:
+            await asyncio.wait((self._sender,))
+            if not self._sender.cancelled():
+                self._sender.result()
+
+    def _start_sending(self) -> None:
+        self._sender = self._loop.create_task(self._send_waiting())
+
+    async def _send_waiting(self) -> None:
+        """Send the chunks waiting, the status and headers before the first, until none is
+        left; then the next chunk starts another sender."""
+        try:
+            while True:
+                self._watch_client()
+                with self._room:
+                    self._gone = self._gone or self._client.gone
+                    if self._gone or not self._chunks:
+                        self._sending = False
+                        self._room.notify()
+                        return
+                    body = b"".join(self._chunks)
+                    self._chunks.clear()
+                    self._waiting = 0
+                    self._room.notify()
+                if not self._announced:
+                    self._announced = True
+                    start = {"type": "http.response.start", "status": self._status}
+                    await self._send({**start, "headers": self._headers})
+                await self._send({"type": "http.response.body", "body": body, "more_body": True})
+        except BaseException:
+            self._stop()
+            raise
+
+    def _watch_client(self) -> None:
+        """Once the request body has been read, a client that leaves stops the app at once,
+        even while it waits for room, and the send under way."""
+        if not self._watched and (watching := self._client.watch()) is not None:
+            self._watched = True
+            watching.add_done_callback(self._left)
+
+    def _left(self, _: object) -> None:
+        self._stop()
+        if self._sender is not None:
+            self._sender.cancel()
+
+    def _stop(self) -> None:
+        with self._room:
+            self._gone = True
+            self._sending = False
+            self._room.notify()
 
 
 async def _until_disconnect(receive: Receive) -> None:

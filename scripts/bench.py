@@ -898,13 +898,15 @@ def figure9(results: Results, seconds: float) -> None:
 
 
 STREAMED_MIB = 100
+DOWNLOADS = 7
 
 
 def figure10(results: Results) -> None:
     """A 100 MB streamed response (a generator of 64 KiB chunks, no Content-Length): the
     throughput of one download through asgi_app against gunicorn's, and the memory the server
-    takes for it beyond what it held before (its RSS sampled every 10 ms). Three downloads
-    each, alternating; the best throughput and the largest growth count."""
+    takes for it beyond what it held before (its RSS sampled every 10 ms). DOWNLOADS downloads
+    each, alternating (each takes a few tenths of a second, and one can be slowed down by
+    other work on the machine); the best throughput and the largest growth count."""
     print(f"10. a {STREAMED_MIB} MiB streamed response", flush=True)
     env = {"WEB_CONCURRENCY": "1"}
     servers = {kind: start(kind, f"fig10-{kind}", env, module="stream")
@@ -912,7 +914,7 @@ def figure10(results: Results) -> None:
     seconds: dict[str, list[float]] = {kind: [] for kind in servers}
     grown: dict[str, list[int]] = {kind: [] for kind in servers}
     try:
-        for _ in range(3):
+        for _ in range(DOWNLOADS):
             for kind, server in servers.items():
                 took, extra = _download(server, f"/stream/{STREAMED_MIB}")
                 seconds[kind].append(took)

@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 from application import asgi as asgi_module
 from application.asgi import (
     EARLY_BODY,
+    STREAM_AHEAD,
     WAITING_PER_THREAD,
     AsgiApp,
     RequestBody,
@@ -307,13 +308,14 @@ async def test_a_whole_body_goes_out_in_one_message(app: AsgiApp) -> None:
     assert json.loads(exchange.body)["commit"] == "c0ffee"
 
 
-async def test_a_streamed_body_goes_out_chunk_by_chunk(app: AsgiApp) -> None:
-    """A body without a length: each chunk in a message of its own, then the end."""
+async def test_a_streamed_body_goes_out_in_messages_then_an_empty_last(app: AsgiApp) -> None:
+    """A body without a length: messages saying more is coming, then an empty one that ends it."""
     exchange = Exchange()
     await app(scope("/chunks"), exchange.receive, exchange.send)
     bodies = [m for m in exchange.sent if m["type"] == "http.response.body"]
-    assert [m["body"] for m in bodies] == [b"one,", b"two,", b"three", b""]
-    assert [m.get("more_body", False) for m in bodies] == [True, True, True, False]
+    assert b"".join(m["body"] for m in bodies) == b"one,two,three"
+    assert bodies[-1] == {"type": "http.response.body", "body": b""}
+    assert all(m["body"] and m["more_body"] is True for m in bodies[:-1])
 
 
 @pytest.mark.parametrize("path", ["/health", "/health/ready", "/health/live"])
@@ -598,9 +600,9 @@ async def test_a_streamed_response_starts_once_then_sends_its_body(app: AsgiApp)
     """One start message with the status and headers, before every body message."""
     exchange = Exchange()
     await app(scope("/chunks"), exchange.receive, exchange.send)
-    assert [m["type"] for m in exchange.sent] == ["http.response.start"] + [
-        "http.response.body"
-    ] * 4
+    types = [m["type"] for m in exchange.sent]
+    assert types[0] == "http.response.start"
+    assert set(types[1:]) == {"http.response.body"}
     assert exchange.status == 200
     assert exchange.headers[b"content-type"] == b"text/html; charset=utf-8"
 
@@ -837,6 +839,106 @@ async def test_the_apps_iterable_is_closed(serve: Callable[[Wsgi], AsgiApp], lea
     exchange = LeavingExchange(after=1) if leave else Exchange()
     await asyncio.wait_for(serve(wsgi)(scope("/"), exchange.receive, exchange.send), 10)
     assert iterable.closed
+
+
+class Watching(Exchange):
+    """A client whose first body message is held in `send` until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sending = threading.Event()  # the first body message is being sent
+        self.release = threading.Event()
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.body" and not self.sending.is_set():
+            self.sending.set()
+            while not self.release.is_set():  # noqa: ASYNC110 (set by the app's thread)
+                await asyncio.sleep(0.005)
+        await super().send(message)
+
+    def bodies(self) -> list[bytes]:
+        return [m["body"] for m in self.sent if m["type"] == "http.response.body"]
+
+
+async def test_a_chunk_goes_out_before_the_app_makes_the_next(
+    serve: Callable[[Wsgi], AsgiApp],
+) -> None:
+    """The first chunk is sent while the app still works on the second (it waits for that)."""
+    exchange = Watching()
+    exchange.release.set()
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        yield b"first,"
+        assert exchange.sending.wait(5), "the first chunk was held back"
+        yield b"second"
+
+    await asyncio.wait_for(serve(wsgi)(scope("/"), exchange.receive, exchange.send), 10)
+    assert exchange.bodies() == [b"first,", b"second", b""]
+
+
+async def test_chunks_made_while_one_is_sent_go_out_together(
+    serve: Callable[[Wsgi], AsgiApp],
+) -> None:
+    """The app goes on while its client takes a chunk; what it made meanwhile is one message."""
+    exchange = Watching()
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        yield b"a"
+        assert exchange.sending.wait(5)
+        yield b"b"
+        yield b"c"
+        exchange.release.set()
+
+    await asyncio.wait_for(serve(wsgi)(scope("/"), exchange.receive, exchange.send), 10)
+    assert exchange.bodies() == [b"a", b"bc", b""]
+
+
+async def test_a_slow_client_pauses_the_app_once_it_is_stream_ahead_behind(
+    serve: Callable[[Wsgi], AsgiApp],
+) -> None:
+    """While a client takes nothing, the app goes on only until more than STREAM_AHEAD bytes
+    wait, besides those being sent (at most as many); then the rest follows whole."""
+    chunk = b"x" * 65536
+    made = 0
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        nonlocal made
+        start_response("200 OK", [])
+        for _ in range(20):
+            made += 1
+            yield chunk
+
+    exchange = Watching()
+    serving = asyncio.ensure_future(serve(wsgi)(scope("/"), exchange.receive, exchange.send))
+    await asyncio.to_thread(exchange.sending.wait, 5)
+    await asyncio.sleep(0.3)  # time for an app that is not paused to make them all
+    ahead = STREAM_AHEAD // len(chunk) + 1  # chunks made until more than STREAM_AHEAD wait
+    assert ahead < made <= 2 * ahead
+    exchange.release.set()
+    await asyncio.wait_for(serving, 10)
+    assert b"".join(exchange.bodies()) == chunk * 20
+
+
+async def test_a_client_leaving_frees_an_app_paused_for_it(
+    serve: Callable[[Wsgi], AsgiApp],
+) -> None:
+    """An app waiting for a client that takes nothing stops, and is closed, when the client
+    leaves; the send it was stuck in is given up."""
+    iterable = Closing([b"x" * 65536] * 100)
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        return iterable
+
+    exchange = Watching()  # never released
+    serving = asyncio.ensure_future(serve(wsgi)(scope("/"), exchange.receive, exchange.send))
+    await asyncio.to_thread(exchange.sending.wait, 5)
+    exchange.leave()
+    await asyncio.wait_for(serving, 5)
+    assert iterable.closed
+    assert exchange.bodies() == [b""]  # nothing more went out
 
 
 async def test_a_list_body_is_sent(serve: Callable[[Wsgi], AsgiApp]) -> None:

@@ -141,6 +141,7 @@ class AsgiApp:
         else:
             await response.sent()
         finally:
+            response.stop()  # sent by now, unless this request was cancelled
             client.stop_watching()
             # Cancelled while Flask runs: the body is still Flask's to read.
             if not running.cancelled() and not client.body_done:
@@ -526,7 +527,7 @@ class Response:
                     await self._send({**start, "headers": self._headers})
                 await self._send({"type": "http.response.body", "body": body, "more_body": True})
         except BaseException:
-            self._stop()
+            self._halt()
             raise
 
     def _watch_client(self) -> None:
@@ -534,14 +535,16 @@ class Response:
         even while it waits for room, and the send under way."""
         if not self._watched and (watching := self._client.watch()) is not None:
             self._watched = True
-            watching.add_done_callback(self._left)
+            watching.add_done_callback(self.stop)
 
-    def _left(self, _: object) -> None:
-        self._stop()
+    def stop(self, _: object = None) -> None:
+        """The client has gone, or the request is over: the app stops at its next write (at
+        once if it waits for room), and a send under way is given up."""
+        self._halt()
         if self._sender is not None:
             self._sender.cancel()
 
-    def _stop(self) -> None:
+    def _halt(self) -> None:
         with self._room:
             self._gone = True
             self._sending = False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import signal
 import socket
@@ -816,7 +817,7 @@ def serve() -> Iterator[Callable[[Wsgi], AsgiApp]]:
 class Closing:
     """An iterable with close(), as PEP 3333 lets an app return."""
 
-    def __init__(self, chunks: list[bytes]) -> None:
+    def __init__(self, chunks: Iterable[bytes]) -> None:
         self.chunks = chunks
         self.closed = False
 
@@ -939,6 +940,32 @@ async def test_a_client_leaving_frees_an_app_paused_for_it(
     await asyncio.wait_for(serving, 5)
     assert iterable.closed
     assert exchange.bodies() == [b""]  # nothing more went out
+
+
+async def test_a_cancelled_request_stops_its_stream(serve: Callable[[Wsgi], AsgiApp]) -> None:
+    """The server cancels a request whose app streams without end (and has not read its
+    body, so no disconnect can be seen): the app stops and is closed all the same."""
+    iterable = Closing(itertools.repeat(b"event\n"))
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        return iterable
+
+    exchange = Exchange(ends=False)  # the body never ends
+    request = scope("/", method="POST", headers=[(b"content-length", b"100000")])
+    serving = asyncio.ensure_future(serve(wsgi)(request, exchange.receive, exchange.send))
+    for _ in range(500):
+        if exchange.sent:
+            break
+        await asyncio.sleep(0.01)
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    for _ in range(500):
+        if iterable.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert iterable.closed
 
 
 async def test_a_list_body_is_sent(serve: Callable[[Wsgi], AsgiApp]) -> None:

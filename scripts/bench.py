@@ -101,6 +101,10 @@ def start(
         command = [str(BIN / "hypercorn"), "--config", "hypercorn.toml", "--bind", bind,
                    "raw_asgi:app"]  # fmt: skip
         pythonpath = f"{BENCH}{os.pathsep}{ROOT}"
+    elif kind == "raw-wsgi":  # gunicorn as `gunicorn application:app` runs it: gthread, 32
+        command = [str(BIN / "gunicorn"), "--bind", bind, "--worker-class", "gthread",
+                   "--workers", "1", "--threads", "32", "raw_wsgi:app"]  # fmt: skip
+        pythonpath = str(BENCH)
     elif kind == "gunicorn":
         command = [str(BIN / "gunicorn"), "--bind", bind, "--workers", "1", "application:app"]
     elif kind == "flask-peer":  # a plain Flask app, as the seed's gunicorn serves one
@@ -358,6 +362,7 @@ def fmt_wrk(result: WrkResult) -> str:
 PEER = "Flask peer, gunicorn gthread 1x8"
 SUBJECTS = (
     ("raw", "raw ASGI, hypercorn"),
+    ("raw-wsgi", "no-op WSGI app, gunicorn gthread 1x32"),
     ("flask-peer", PEER),
     ("quart-peer", "Quart peer, hypercorn"),
     ("hypercorn", "asgi_app, hypercorn"),
@@ -373,7 +378,8 @@ GOALS = {
 
 def figure1(results: Results, seconds: float) -> None:
     """Throughput and latency, default settings, no datastore: the app under both servers beside
-    Flask peers that write no access line, and the ceiling: a raw ASGI callable on hypercorn.
+    Flask peers that write no access line, and the ceiling: a raw ASGI callable on hypercorn
+    (beside gunicorn's own: a no-op WSGI app, which tells what either server costs alone).
 
     Every server runs at once on core 0 (idle while another is measured); each path is
     measured on each in turn, three rounds, and the best round counts: on a shared machine
@@ -388,7 +394,7 @@ def figure1(results: Results, seconds: float) -> None:
         for _ in range(3):
             for path in PATHS:
                 for kind, _ in SUBJECTS:
-                    if kind != "raw" or path == "/health":  # the ceiling answers one thing
+                    if not kind.startswith("raw") or path == "/health":  # one thing only
                         pid = servers[kind].process.pid
                         used = tree_cpu_seconds(pid)
                         result = wrk(servers[kind].url + path, seconds)
@@ -402,9 +408,14 @@ def figure1(results: Results, seconds: float) -> None:
     ceiling = best["raw", "/health"]
     results.add(Row("1", f"`/health` {SUBJECTS[0][1]} (ceiling)", fmt_wrk(ceiling)))
     results.throughput["raw ASGI /health"] = ceiling
+    floor = best["raw-wsgi", "/health"]
+    results.add(
+        Row("1", f"`/health` {SUBJECTS[1][1]} (gunicorn's own ceiling)",
+            f"{fmt_wrk(floor)}; {floor.rps / ceiling.rps:.2f}x raw ASGI")
+    )  # fmt: skip
     for path in PATHS:
         peer = best["flask-peer", path]
-        for kind, label in SUBJECTS[1:]:
+        for kind, label in SUBJECTS[2:]:
             result = best[kind, path]
             results.throughput[f"{label} {path}"] = result
             ratio = result.rps / peer.rps

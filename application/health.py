@@ -172,9 +172,11 @@ class HealthChecker:
         if loop is None:
             return
         closing = asyncio.run_coroutine_threadsafe(self._shut_down(), loop)
+        # The loop stops once the shutdown is over, however late (a probe stuck in a blocking
+        # call): stopped under it, its task would be destroyed pending, an error at exit.
+        closing.add_done_callback(lambda _: loop.call_soon_threadsafe(loop.stop))
         with contextlib.suppress(TimeoutError):
             closing.result(timeout)
-        loop.call_soon_threadsafe(loop.stop)
         if thread is not None:
             thread.join(timeout)
 

@@ -381,6 +381,31 @@ def test_a_wait_answers_by_its_own_bound_when_the_round_overruns(wait):
         checker.close(5)
 
 
+class StuckClosingProbe:
+    """A datastore whose close() blocks the probe loop itself: a driver stuck in a sync call."""
+
+    name = "stuck"
+    target = "tcp://stuck.invalid:1"
+
+    async def ping(self) -> None:
+        """Always there."""
+
+    async def close(self) -> None:
+        time.sleep(3)  # noqa: ASYNC251 - the point: a loop that cannot stop in time
+
+
+def test_close_gives_up_on_a_probe_loop_that_does_not_stop():
+    """close() waits its timeout for the probes to close, then as long for the loop's thread
+    to end, and returns: a worker's shutdown never hangs on a stuck driver."""
+    checker = HealthChecker([StuckClosingProbe()], timeout=1.0, cache_ttl=0)
+    assert checker.wait_in_thread().healthy  # the probe loop runs
+    [loop_thread] = [t for t in threading.enumerate() if t.name == "health-probes"]
+    with runs_under(2.0):  # 2 x 0.5 s; the probe holds the loop 3 s
+        checker.close(0.5)
+    assert loop_thread.is_alive()
+    loop_thread.join(10)  # what it left behind ends here, not in another test
+
+
 def test_threads_waiting_without_a_loop_share_the_round_in_flight(
     make_checker: MakeChecker, database, database_proxy: FaultProxy
 ):
@@ -508,6 +533,19 @@ EXIT_SCRIPTS = {
         "pending = checker.report()\n"
         "checker.close()\n"
         "print(pending.result(5).status)\n"
+    ),
+    "a-driver-stuck-in-close": (  # close() gives up; the loop finishes the shutdown later
+        "import time\n"
+        "from application.health import HealthChecker\n"
+        "class Stuck:\n"
+        "    name, target = 'database', 'tcp://stuck.invalid:1'\n"
+        "    async def ping(self): pass\n"
+        "    async def close(self): time.sleep(1)\n"
+        "checker = HealthChecker([Stuck()], timeout=1.0, cache_ttl=0)\n"
+        "checker.wait_in_thread()\n"
+        "checker.close(0.2)\n"
+        "time.sleep(2)\n"
+        "print(checker.report().result(5).status)\n"
     ),
     "exit-mid-round": (  # the atexit hook closes it
         "import application\n"

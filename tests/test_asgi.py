@@ -1312,6 +1312,16 @@ def test_reading_nothing_waits_for_nothing(loop_thread: asyncio.AbstractEventLoo
     assert body.read(5) == b"ab\ncd"
 
 
+def test_readline_with_the_bytes_asked_for_in_hand_asks_for_no_more(
+    loop_thread: asyncio.AbstractEventLoop,
+) -> None:
+    """readline(0), and readline(n) with n bytes in hand but no newline, answer from the
+    buffer: the client has nothing more to give (asking again would find it gone)."""
+    body = body_of(loop_thread, b"abc", [b""], ends=False)
+    assert body.readline(0) == b""
+    assert body.readline(3) == b"abc"
+
+
 def test_readline_stops_at_the_first_line_without_reading_on(
     loop_thread: asyncio.AbstractEventLoop,
 ) -> None:

@@ -1147,22 +1147,32 @@ async def settle() -> None:
 
 
 @pytest.mark.parametrize("pool", [1, 2], indirect=True)
+@pytest.mark.parametrize(
+    ("method", "path", "route"),
+    [("GET", "/", "/"), ("GET", "/chunks", "/chunks"), ("POST", "/chunks", "unmatched")],
+)
 async def test_a_full_line_is_refused_with_503(
-    pool: tuple[Flask, AsgiApp], lines: Callable[[], list[str]]
+    pool: tuple[Flask, AsgiApp],
+    lines: Callable[[], list[str]],
+    method: str,
+    path: str,
+    route: str,
 ) -> None:
     """Every thread busy and WAITING_PER_THREAD requests per thread in line: the next gets
-    503 with Retry-After, is counted by its route and logged; the line is served after."""
+    503 with Retry-After, is counted by the route Flask would have matched (none for a
+    method the route does not take) and logged; the line is served after."""
     flask_app, app = pool
     threads = app.config.wsgi_threads
     holders = await hold_every_thread(flask_app, app, threads)
     waiting = [Exchange() for _ in range(WAITING_PER_THREAD * threads)]
     tasks = [asyncio.ensure_future(app(scope("/"), w.receive, w.send)) for w in waiting]
     await settle()
-    labels = {"method": "GET", "route": "/", "status": "503"}
+    labels = {"method": method, "route": route, "status": "503"}
     before = sample("http_requests_total", **labels)
     refused = Exchange(long_body())
     headers = [(b"host", b"h"), (b"content-length", b"100000")]
-    await app(scope("/", headers=headers), refused.receive, refused.send)
+    request = scope(path, method=method, headers=headers)
+    await app(request, refused.receive, refused.send)
     assert refused.status == 503
     assert json.loads(refused.body) == {"error": "Service Unavailable", "status": 503}
     assert refused.headers[b"content-type"] == b"application/json"
@@ -1171,7 +1181,7 @@ async def test_a_full_line_is_refused_with_503(
     assert refused.headers[b"content-length"] == b"%d" % len(refused.body)
     assert sample("http_requests_total", **labels) == before + 1
     [line] = access(lines())
-    assert "method=GET path=/ status=503" in line
+    assert f"method={method} path={path} status=503" in line
     await refused.all_taken()
     flask_app.config["GATE"][1].set()
     await asyncio.wait_for(asyncio.gather(*holders, *tasks), 10)

@@ -139,6 +139,10 @@ def make_app(config: Config | None = None) -> tuple[Flask, AsgiApp]:
     def thread() -> str:
         return threading.current_thread().name
 
+    @flask_app.get("/in-flight")
+    def in_flight() -> str:
+        return str(sample("http_requests_in_flight"))
+
     entered, gate = threading.Event(), threading.Event()
     flask_app.config["GATE"] = entered, gate
 
@@ -778,6 +782,7 @@ async def test_a_request_is_in_flight_from_when_it_is_taken(app: AsgiApp) -> Non
     await app(scope("/"), Exchange().receive, send)
     assert seen == [before + 1, before + 1]
     assert sample("http_requests_in_flight") == before
+    assert (await answer(app, "/in-flight")).body == b"%r" % (before + 1)  # as the view sees it
 
 
 async def test_without_metrics_requests_are_served(lines: Callable[[], list[str]]) -> None:

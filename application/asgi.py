@@ -238,7 +238,7 @@ class Threads:
 
     A job reaches a thread through a queue and its outcome comes back in one
     `call_soon_threadsafe`: ThreadPoolExecutor's futures, locks and conditions, bridged by
-    `asyncio.wrap_future`, took 2.5 times the instructions a round trip (163k against 61k,
+    `asyncio.wrap_future`, took 2.7 times the instructions a round trip (163k against 61k,
     `python -m bench.instructions`), and `take` already keeps the count of threads in use."""
 
     def __init__(self, threads: int, max_waiting: int) -> None:

@@ -512,8 +512,7 @@ class Response:
             while True:
                 self._watch_client()
                 with self._room:
-                    self._gone = self._gone or self._client.gone
-                    if self._gone or not self._chunks:
+                    if self._gone or not self._chunks:  # gone: see _watch_client
                         self._sending = False
                         self._room.notify()
                         return

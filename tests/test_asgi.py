@@ -904,9 +904,10 @@ async def test_chunks_made_while_one_is_sent_go_out_together(
 async def test_a_slow_client_pauses_the_app_once_it_is_stream_ahead_behind(
     serve: Callable[[Wsgi], AsgiApp],
 ) -> None:
-    """While a client takes nothing, the app goes on only until more than STREAM_AHEAD bytes
-    wait, besides those being sent (at most as many); then the rest follows whole."""
+    """While a client takes nothing, the app goes on until more than STREAM_AHEAD bytes wait
+    besides the chunk being sent, and no further; then the rest follows whole."""
     chunk = b"x" * 65536
+    exchange = Watching()
     made = 0
 
     def wsgi(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
@@ -915,13 +916,13 @@ async def test_a_slow_client_pauses_the_app_once_it_is_stream_ahead_behind(
         for _ in range(20):
             made += 1
             yield chunk
+            assert exchange.sending.wait(5)  # the first chunk is on its way, alone
 
-    exchange = Watching()
     serving = asyncio.ensure_future(serve(wsgi)(scope("/"), exchange.receive, exchange.send))
     await asyncio.to_thread(exchange.sending.wait, 5)
     await asyncio.sleep(0.3)  # time for an app that is not paused to make them all
-    ahead = STREAM_AHEAD // len(chunk) + 1  # chunks made until more than STREAM_AHEAD wait
-    assert ahead < made <= 2 * ahead
+    # 4 chunks are exactly STREAM_AHEAD, not more: the app makes a fifth, then waits
+    assert made == 1 + STREAM_AHEAD // len(chunk) + 1
     exchange.release.set()
     await asyncio.wait_for(serving, 10)
     assert b"".join(exchange.bodies()) == chunk * 20

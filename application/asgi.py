@@ -545,8 +545,7 @@ class Response:
 
     def _halt(self) -> None:
         with self._room:
-            self._gone = True
-            self._sending = False
+            self._gone = True  # for good: no write sends anything after this
             self._room.notify()
 
 

@@ -22,6 +22,7 @@ from tests.faultproxy import FaultProxy
 
 DELAY = 1.5  # SHUTDOWN_DELAY in these tests: time to act within it, short for the suite
 DRAINING = "SIGTERM: draining"
+LAST_RESORT = "[WARNING] exiting with threads still busy past the graceful timeout"
 
 # id -> (mode, settings, processes that log DRAINING: the master alone under gunicorn)
 SUBJECTS = {
@@ -172,8 +173,8 @@ def test_a_request_past_the_graceful_timeout_is_cut_and_the_process_exits_in_tim
 
 
 def test_a_view_stuck_in_a_thread_does_not_hold_hypercorns_exit() -> None:
-    """A Flask view busy for a minute on asgi_app's thread pool, which the interpreter joins at
-    exit: the process still exits 0 by delay + graceful timeout + EXIT_GRACE."""
+    """A Flask view busy for a minute on asgi_app's thread line: the process exits 0 once the
+    graceful timeout cut it, without the last resort (the line's threads are daemons)."""
     graceful = 1
     settings = {"SHUTDOWN_DELAY": "0.5", "GRACEFUL_TIMEOUT": str(graceful)}
     server = servers.start("hypercorn-asgi", settings, module="tests.slow_app")
@@ -184,6 +185,21 @@ def test_a_view_stuck_in_a_thread_does_not_hold_hypercorns_exit() -> None:
     server.stop()
     assert code == 0
     assert exited < 0.5 + graceful + EXIT_GRACE + 1  # the exit itself, on a busy machine
+    assert not [line for line in server.lines if LAST_RESORT in line]
+
+
+def test_a_thread_a_view_left_running_is_ended_by_the_last_resort() -> None:
+    """A thread of the app's own, which the interpreter would wait a minute for at exit: the
+    process says so and exits 0 by delay + graceful timeout + EXIT_GRACE."""
+    graceful = 1
+    settings = {"SHUTDOWN_DELAY": "0.5", "GRACEFUL_TIMEOUT": str(graceful)}
+    server = servers.start("hypercorn-asgi", settings, module="tests.slow_app")
+    assert server.get("/linger?seconds=60").status_code == 200
+    code, exited = exit_after_sigterm(server)
+    server.stop()
+    assert code == 0
+    assert 0.5 + graceful + EXIT_GRACE <= exited < 0.5 + graceful + EXIT_GRACE + 1
+    assert [line for line in server.lines if LAST_RESORT in line]
 
 
 def exit_after_sigterm(server: servers.Server) -> tuple[int, float]:

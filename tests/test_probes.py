@@ -206,8 +206,10 @@ async def test_a_ping_costs_one_statement_and_no_reset(pg_cluster: PgCluster):
 async def test_closing_gives_up_on_a_checked_out_connection_after_the_timeout(
     database_proxy: FaultProxy, database_url: str
 ):
-    """close() waits for the pool's connection by the probe's timeout at most, then ends it."""
-    probe = PostgresProbe(Datastore("database", through(database_proxy, database_url)), TIMEOUT)
+    """close() waits for the pool's connection by the timeout given to probe_for at most, then
+    ends it."""
+    probe = probe_for(Datastore("database", through(database_proxy, database_url)), TIMEOUT)
+    assert isinstance(probe, PostgresProbe)
     await probe.ping()
     assert probe._pool is not None
     await probe._pool.acquire()  # never released: as a ping stuck past every deadline

@@ -152,6 +152,17 @@ def test_asgi_apps_own_answers_are_counted_by_route(app: Flask):
     assert value("http_requests_total", **labels) == before + 3
 
 
+def test_the_envelopes_own_answers_are_counted_by_route(app: Flask):
+    """The health routes the Envelope answers without Flask, under a WSGI server, count as
+    Flask's would."""
+    labels = {"method": "GET", "route": "/health/live", "status": "200"}
+    before = value("http_requests_total", **labels)
+    client = app.test_client()
+    for _ in range(3):
+        assert client.get("/health/live", buffered=True).status_code == 200
+    assert value("http_requests_total", **labels) == before + 3
+
+
 @pytest.mark.parametrize(
     ("path", "method", "route"),
     [

@@ -655,12 +655,13 @@ def test_body_limit_reads_lines_as_a_file_does():
 # -- what create_app wires ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", ["/", "/health/live"])  # Flask's, and the Envelope's own
 @pytest.mark.parametrize(("hops", "remote"), [(0, "127.0.0.1"), (1, "203.0.113.9")])
-def test_trusted_proxies_decide_whose_address_is_logged(capture_logs, hops, remote):
+def test_trusted_proxies_decide_whose_address_is_logged(capture_logs, hops, remote, path):
     """TRUSTED_PROXIES=1: the client a proxy names in X-Forwarded-For; 0: the peer itself."""
     stream = capture_logs(Config())
     client = create_app(Config(trusted_proxies=hops)).test_client()
-    fetch(client, "/", headers={"X-Forwarded-For": "203.0.113.9"})
+    fetch(client, path, headers={"X-Forwarded-For": "203.0.113.9"})
     [line] = access_lines(stream)
     assert line["remote"] == remote
 

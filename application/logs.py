@@ -37,7 +37,7 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _IN_VALUE = (("\\", "\\\\"), ('"', '\\"'))
 _IN_MESSAGE = (("\\", "\\\\"), ('"', "\\u0022"), ("=", "\\u003d"), ("\ufffd", "\\ufffd"))
 _IN_KEY = (*_IN_MESSAGE, (" ", "\\u0020"))
-_BARE = re.compile(r'[^\s="\\]+')  # a printable value or key that needs no quotes
+_BARE = re.compile(r'[^\s="\\]+')  # a printable value that needs no quotes
 
 log = structlog.get_logger()
 
@@ -189,8 +189,7 @@ def _key(key: object) -> str:
 
 
 def _escaped_key(key: object) -> str:
-    text = str(key)
-    return text if text.isprintable() and _BARE.fullmatch(text) else escape(text, _IN_KEY)
+    return escape(str(key), _IN_KEY)
 
 
 def _value(value: object) -> str:

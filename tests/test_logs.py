@@ -228,12 +228,14 @@ def test_message_escaping_is_lossless(message):
     assert json.loads(f'"{render(message)[PREFIX:]}"') == message
 
 
-def test_a_hostile_key_is_one_field():
-    """A key with a space, `=`, `"` and a newline stays one key, which decodes back."""
-    key = 'a b="c"\nd'
+@pytest.mark.parametrize("key", ['a b="c"\nd', *[text for text in HOSTILE if text]], ids=repr)
+def test_a_hostile_key_is_one_field(key):
+    """A key with a space, `=`, `"`, a newline or U+FFFD (a logfmt parser's mark of a bad key)
+    stays one key, which decodes back."""
     [word, (rendered_key, value)] = servers.log_pairs(render(**{key: 1}))
     assert (word, value) == (("hello", None), "1")
     assert json.loads(f'"{rendered_key}"') == key
+    assert "\ufffd" not in rendered_key
 
 
 def test_every_code_point_reads_back():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import io
 import json
@@ -682,6 +683,22 @@ def test_two_trusted_proxies_give_the_clients_scheme_host_port_and_prefix(captur
     assert response.text == "https://public.example:8443/api/"
     [line] = access_lines(stream)
     assert line["remote"] == "198.51.100.1"
+
+
+def test_an_async_view_meets_its_threads_one_event_loop_on_every_request(app):
+    """A loop-bound client an async view keeps (a pool) still works on the next request on
+    that thread: Flask's default would give each request a loop of its own."""
+    loops = []
+
+    @app.get("/loop")
+    async def loop() -> str:
+        loops.append(asyncio.get_running_loop())
+        return "ok"
+
+    client = app.test_client()
+    assert [fetch(client, "/loop").text for _ in range(2)] == ["ok", "ok"]
+    assert loops[0] is loops[1]
+    assert not loops[0].is_closed()
 
 
 def test_a_request_is_timed_in_the_metrics_from_when_it_was_taken(client):

@@ -94,6 +94,16 @@ class Exchange:
         return await self.incoming.get()
 
     async def send(self, message: Message) -> None:
+        """Takes a response as a server does: one start, then body messages until the last."""
+        answer = [m for m in self.sent if m["type"].startswith("http.response.")]
+        if message["type"] == "http.response.start":
+            assert not answer, f"a second start: {message}"
+        elif message["type"] == "http.response.body":
+            assert answer, f"a body before the start: {message}"
+            last = answer[-1]
+            assert last["type"] == "http.response.start" or last.get("more_body", False), (
+                f"a body after the last: {message}"
+            )
         self.sent.append(message)
 
     @property

@@ -26,6 +26,7 @@ from application.asgi import (
     STREAM_AHEAD,
     WAITING_PER_THREAD,
     AsgiApp,
+    Client,
     RequestBody,
     Threads,
     _split_path,
@@ -402,6 +403,21 @@ async def test_a_client_gone_from_the_line_gives_up_its_place() -> None:
     assert await first is False
     threads.give_back()
     assert await second is True
+    threads.shutdown()
+
+
+async def test_a_request_whose_body_is_still_coming_waits_in_line_unwatched() -> None:
+    """Its client is not listened to in the line (the next message is body, Flask's to read):
+    it waits for its turn, and every message is left where it was."""
+    threads = Threads(1, max_waiting=1)
+    assert await threads.take(FakeClient())  # type: ignore[arg-type]
+    exchange = Exchange(ends=False)
+    waiting = asyncio.ensure_future(threads.take(Client(exchange.receive, body_done=False)))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    threads.give_back()
+    assert await waiting
+    assert exchange.incoming.qsize() == 1
     threads.shutdown()
 
 

@@ -21,6 +21,7 @@ from flask import Flask, Response, request
 from prometheus_client import REGISTRY
 
 from application import asgi as asgi_module
+from application import drain
 from application.asgi import (
     EARLY_BODY,
     STREAM_AHEAD,
@@ -1475,6 +1476,27 @@ async def test_lifespan_starts_and_stops_the_metrics_listener() -> None:
     assert not await asyncio.to_thread(listening, port)
     await asyncio.to_thread(thread.join, 2)
     assert not thread.is_alive()
+
+
+async def test_lifespan_startup_hands_sigterm_to_the_drain() -> None:
+    """After the startup, SIGTERM starts the drain with the app's settings (hypercorn's own
+    handler would stop at once), and nothing fails on the loop."""
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+    _, app = make_app(Config(metrics_port=0, shutdown_delay=10.0**9))  # the stop never comes
+    server = Lifespan(app)
+    assert await server.step("lifespan.startup") == {"type": "lifespan.startup.complete"}
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            while not drain.draining():  # noqa: ASYNC110 - a byte of shared memory: no event
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the rest of the handler's turn
+        assert errors == []
+    finally:
+        drain._state[0] = 0  # the flag is process-wide
+        assert await server.step("lifespan.shutdown") == {"type": "lifespan.shutdown.complete"}
+        await server.ended()
 
 
 @pytest.mark.parametrize(

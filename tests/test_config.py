@@ -358,6 +358,8 @@ def test_datastore_never_shows_the_password(url):
         ("postgres://u:pw@[::1]/app#frag", "postgres://[::1]/app"),
         ("postgres://u:pw@db:port/app", "<malformed URL>"),
         ("postgres://u:pw@[::1/app", "<malformed URL>"),
+        ("postgres://u:p@ss@db/app", "<malformed URL>"),  # an unencoded @ in the password
+        ("postgresql:///app?host=/run/postgresql", "postgresql:///app"),  # a Unix socket
     ],
 )
 def test_redact(url, redacted):

@@ -525,6 +525,10 @@ class Response:
                     start = {"type": "http.response.start", "status": self._status}
                     await self._send({**start, "headers": self._headers})
                 await self._send({"type": "http.response.body", "body": body, "more_body": True})
+                # A server's send need not yield (room in the socket buffer): without this, an
+                # app that keeps chunks waiting would hold the loop, its other requests and
+                # this client's watch.
+                await asyncio.sleep(0)
         except BaseException:
             self._halt()
             raise

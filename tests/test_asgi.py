@@ -615,8 +615,9 @@ class LeavingExchange(Exchange):
 
 
 async def test_a_stream_stops_when_its_client_leaves(app: AsgiApp) -> None:
-    """An endless stream ends soon after the client has gone, and the request with it."""
-    exchange = LeavingExchange(after=3)
+    """An endless stream ends soon after the client has gone, and the request with it. The
+    50 messages before go out without a pause between them (10 s for all of it)."""
+    exchange = LeavingExchange(after=50)
     await asyncio.wait_for(app(scope("/endless"), exchange.receive, exchange.send), 10)
     assert exchange.status == 200
     assert exchange.body.startswith(b"0,1,2,")
